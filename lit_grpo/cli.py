@@ -1,0 +1,110 @@
+"""The Lightning subcommands (fit, validate, test, predict) through LightningCLI.
+
+Models, data, loggers and callbacks are chosen with `class_path` in YAML; the typed
+constructors are the schema, so a typo in a key is reported with its name. Configs may use
+OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
+"""
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from lit_grpo.checks import ensure_file, ensure_writable_dir
+from lit_grpo.policies.weights import resolve_weights_path
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs",
+    "logger": {"class_path": "lit_grpo.loggers.MLflowLogger"},
+}
+SPECIAL_CKPTS = {"last", "best", "hpc", "registry"}
+
+
+class SaveConfigToLogger(SaveConfigCallback):
+    """Save the resolved config with the run, for loggers that have no local `log_dir`.
+
+    Lightning's SaveConfigCallback writes into `trainer.log_dir`, which is None with a
+    sqlite-backed MLflow store (it then asserts). We log `config.yaml` as an MLflow artifact,
+    the flattened config as run parameters (what `compare` diffs), and fall back to a file
+    in `log_dir` for loggers that have one.
+    """
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(logger.run_id, text, self.config_filename)
+                logger.log_hyperparams(_flatten(self.config.as_dict()))
+            elif getattr(logger, "log_dir", None):
+                path = Path(logger.log_dir) / self.config_filename
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif key not in ("config", "__path__"):
+            flat[name.replace(".init_args", "")] = value
+    return flat
+
+
+class LitGRPOCLI(LightningCLI):
+    """LightningCLI with lit_grpo's defaults (MLflow, `runs/`) and up-front input checks."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.get("default_root_dir") or "."
+        ensure_writable_dir(root, "output directory (trainer.default_root_dir)")
+        logger = config.trainer.get("logger")
+        if isinstance(logger, dict) or hasattr(logger, "class_path"):
+            init = logger.get("init_args") or {}
+            if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
+                ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+        for weights in _values_of(config.get("model"), "weights"):
+            resolve_weights_path(weights)  # names a missing file before anything is built
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in SPECIAL_CKPTS and "://" not in str(ckpt):
+            ensure_file(
+                ckpt,
+                "checkpoint (--ckpt_path)",
+                "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
+                "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
+            )
+
+
+def _values_of(tree, key: str):
+    """Every string value stored under `key` anywhere in a (nested) config."""
+    if hasattr(tree, "as_dict"):
+        tree = tree.as_dict()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key and isinstance(v, str):
+                yield v
+            else:
+                yield from _values_of(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _values_of(v, key)
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run a Lightning subcommand; `args` None reads sys.argv (LightningCLI's own rule)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    return LitGRPOCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveConfigToLogger,
+        save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )

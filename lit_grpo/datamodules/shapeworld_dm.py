@@ -1,0 +1,69 @@
+"""ShapeWorld as a LightningDataModule: seeded train / val / test splits of paired edits.
+
+Samples are rendered on the fly (about a millisecond each), so `train_size` only sets the
+epoch length; splits come from disjoint random streams (see `shapeworld.py`).
+"""
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lit_grpo.datamodules.shapeworld import ShapeWorld
+
+
+class ShapeWorldDataModule(L.LightningDataModule):
+    """Paired ShapeWorld edits: source, instruction, exact target, masks and boxes.
+
+    Args:
+        resolution: image side in pixels.
+        batch_size: conditions per batch (a GRPO stage samples a group for each).
+        tasks: any of translate, rotate, scale.
+        train_size, val_size, test_size: samples per split (train: one epoch).
+        move_fraction: translation distance as a fraction of the image side.
+        seed: base seed of every split.
+        num_workers: DataLoader workers (0 renders in the training process).
+    """
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        batch_size: int = 32,
+        tasks: list[str] = ("translate", "rotate", "scale"),
+        train_size: int = 50_000,
+        val_size: int = 256,
+        test_size: int = 512,
+        move_fraction: float = 0.25,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        common = dict(
+            resolution=resolution, tasks=tuple(tasks), seed=seed, move_fraction=move_fraction
+        )
+        # Built here, not in setup(), so a bad resolution or task fails before training.
+        self.splits = {
+            "train": ShapeWorld("train", train_size, **common),
+            "val": ShapeWorld("val", val_size, **common),
+            "test": ShapeWorld("test", test_size, **common),
+        }
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,94 @@
+"""Object-level measurements of an edit, shared by the spatial rewards and the metrics.
+
+Inputs are segmenter `Detections` of the named object in the source and in the edited image.
+Everything returns per-sample tensors [N] with NaN where the object was not found in either
+image, so callers decide what a miss is worth (the lowest reward; a failed metric).
+
+Talk2Move's definitions, on our conventions (pixels, y down, angles ccw as seen):
+- translation distance: centre displacement projected on the instructed direction, as a
+  fraction of the image side (GenEval-style relative displacement);
+- translation success: moved the instructed way by more than `min_move` of the side, and
+  more along the instructed axis than across it (the GenEval relation holds);
+- rotation error: |wrapped(angle_after - angle_before - instructed)| in degrees;
+- scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
+"""
+
+import torch
+from torch import Tensor
+
+from lit_grpo.rewards.segmenters import Detections
+
+
+def _both(before: Detections, after: Detections) -> Tensor:
+    return before.found & after.found
+
+
+def displacement(before: Detections, after: Detections, image_size: tuple[int, int]) -> Tensor:
+    """Centre displacement (dx, dy) as fractions of the image width and height [N, 2]."""
+    h, w = image_size
+    scale = torch.tensor([w, h], dtype=torch.float32, device=before.centre.device)
+    d = (after.centre - before.centre).float() / scale
+    return torch.where(_both(before, after)[:, None], d, torch.full_like(d, float("nan")))
+
+
+def translation_distance(
+    before: Detections, after: Detections, direction: Tensor, image_size: tuple[int, int]
+) -> Tensor:
+    """Displacement along the instructed unit direction [N, 2], in image sides (signed) [N]."""
+    return (displacement(before, after, image_size) * direction.float()).sum(-1)
+
+
+def translation_success(
+    before: Detections,
+    after: Detections,
+    direction: Tensor,
+    image_size: tuple[int, int],
+    min_move: float = 0.05,
+) -> Tensor:
+    """1.0 where the object moved the instructed way (see module docstring), 0.0 else, NaN if missed."""
+    d = displacement(before, after, image_size)
+    along = (d * direction.float()).sum(-1)
+    across = (d * direction.float().flip(-1)).sum(-1).abs()  # perpendicular component
+    ok = ((along > min_move) & (along > across)).float()
+    return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
+
+
+def wrap_degrees(angle: Tensor) -> Tensor:
+    """Wrap to (-180, 180]."""
+    return 180.0 - torch.remainder(180.0 - angle, 360.0)
+
+
+def rotation_error(before: Detections, after: Detections, instructed: Tensor) -> Tensor:
+    """|achieved - instructed| rotation in degrees, in [0, 180]; NaN if either angle is unreadable."""
+    achieved = after.angle.float() - before.angle.float()
+    err = wrap_degrees(achieved - instructed.float()).abs()
+    return torch.where(_both(before, after), err, torch.full_like(err, float("nan")))
+
+
+def scale_ratio(before: Detections, after: Detections) -> Tensor:
+    """Linear size ratio sqrt(area_after / area_before) [N]."""
+    ratio = (after.area.float() / before.area.float().clamp_min(1e-6)).sqrt()
+    return torch.where(_both(before, after), ratio, torch.full_like(ratio, float("nan")))
+
+
+def scale_error(before: Detections, after: Detections, factor: Tensor) -> Tensor:
+    """|log(achieved ratio / instructed factor)|: symmetric for growing and shrinking."""
+    return (scale_ratio(before, after).log() - factor.float().log()).abs()
+
+
+def outside_mask(masks: list[Tensor], dilate: int = 1) -> Tensor:
+    """Pixels [N, H, W] outside every given object mask, each grown by `dilate` pixels."""
+    union = torch.zeros_like(masks[0], dtype=torch.bool)
+    for m in masks:
+        union |= m.bool()
+    if dilate > 0:
+        k = 2 * dilate + 1
+        union = torch.nn.functional.max_pool2d(union[:, None].float(), k, 1, dilate)[:, 0] > 0
+    return ~union
+
+
+def background_l1(source: Tensor, edited: Tensor, keep: Tensor) -> Tensor:
+    """Mean |edited - source| over the `keep` pixels [N, H, W] (images in [0, 1]) [N]."""
+    diff = (edited.float() - source.float()).abs().mean(1)  # [N, H, W]
+    keep = keep.float()
+    return (diff * keep).sum((1, 2)) / keep.sum((1, 2)).clamp_min(1.0)

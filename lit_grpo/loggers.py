@@ -1,0 +1,90 @@
+"""MLflow by default, with a local sqlite store, and image logging to any Lightning logger.
+
+MLflow 3.17 refuses `file:` tracking stores, which is Lightning's `MLFlowLogger` default; we
+point it at `sqlite:///<root>/mlflow.db` with artifacts under `<root>/artifacts` unless
+`MLFLOW_TRACKING_URI` (or `tracking_uri`) names another store. mlflow itself is imported by
+Lightning only when the run starts.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from torch import Tensor
+
+from lit_grpo.checks import ensure_writable_dir
+
+DEFAULT_ROOT = "mlruns"
+
+
+def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{ensure_writable_dir(root, 'MLflow store') / 'mlflow.db'}"
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger with a working local default.
+
+    Args:
+        experiment_name: MLflow experiment (created on first use).
+        run_name: the run's name in the MLflow UI; MLflow picks one if None.
+        tracking_uri: store URI; default `MLFLOW_TRACKING_URI`, else a sqlite file in `root`.
+        root: local directory for the default store and its artifacts.
+        tags: extra run tags.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "lit_grpo",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        root: str = DEFAULT_ROOT,
+        tags: dict[str, str] | None = None,
+        log_model: bool = False,
+        run_id: str | None = None,
+    ):
+        uri = tracking_uri or default_tracking_uri(root)
+        artifacts = None
+        if (
+            uri.startswith("sqlite:")
+            and not tracking_uri
+            and "MLFLOW_TRACKING_URI" not in os.environ
+        ):
+            artifacts = (Path(root).expanduser().resolve() / "artifacts").as_uri()
+        # alembic prints a dozen INFO lines when it creates the sqlite schema
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=uri,
+            tags=tags,
+            log_model=log_model,
+            artifact_location=artifacts,
+            run_id=run_id,
+        )
+
+
+def log_image(trainer, key: str, image: Tensor | np.ndarray, step: int) -> None:
+    """Log a uint8 [H, W, 3] image to every logger of the trainer that can store one."""
+    array = image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    for logger in trainer.loggers:
+        _log_one(logger, key, array, step)
+
+
+def _log_one(logger: Logger, key: str, array: np.ndarray, step: int) -> None:
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, array, key=key.replace("/", "_"), step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, array, step, dataformats="HWC")
+    elif hasattr(logger, "log_image"):  # wandb, neptune, comet
+        logger.log_image(key=key, images=[array], step=step)
+    elif getattr(logger, "log_dir", None):  # CSVLogger and friends: a PNG beside the metrics
+        from PIL import Image
+
+        path = Path(logger.log_dir) / "images" / f"{key.replace('/', '_')}_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)

@@ -1,0 +1,122 @@
+"""The `EditPolicy` contract every backbone implements.
+
+Samplers, rewards and LightningModules talk to a backbone only through this class, so they
+never branch on which backbone runs. A policy owns everything backbone-specific: how images
+become latents, how the condition (source image + instruction) is encoded and where it
+enters the network, which modules get LoRA, and how latent tokens map to pixels.
+
+Latents follow lit_grpo's flow convention (`lit_grpo.sampling.flow`): the policy predicts
+`v = noise - x0` at noise level `sigma` in [0, 1].
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from lit_grpo.policies.lora import LoraSettings, adapters_disabled, add_lora, has_lora
+
+
+@dataclass
+class Condition:
+    """An encoded editing condition, computed once per (source image, instruction).
+
+    text:       [N, L, D] instruction token features
+    text_mask:  [N, L] bool, True on real (non-padding) tokens
+    image:      [N, C, h, w] source-image latents (the Kontext-style extra tokens)
+    """
+
+    text: Tensor
+    text_mask: Tensor
+    image: Tensor
+
+    def repeat_interleave(self, repeats: int) -> "Condition":
+        """Each condition `repeats` times in a row: the layout of a rollout group."""
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).repeat_interleave(repeats, 0) for f in fields(self)},
+        )
+
+    def __getitem__(self, index) -> "Condition":
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+class EditPolicy(nn.Module, ABC):
+    """A flow-matching image editor: encode, predict velocity, decode.
+
+    Images are float `[N, 3, H, W]` in [0, 1] everywhere outside the policy.
+    """
+
+    @abstractmethod
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [N, 3, H, W] in [0, 1] -> latents [N, C, h, w] (the data point x0)."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1]."""
+
+    @abstractmethod
+    def encode_condition(self, images: Tensor, instructions: Sequence[str]) -> Condition:
+        """Encode source images and instructions once; samplers reuse it for every step."""
+
+    @abstractmethod
+    def velocity(self, latents: Tensor, sigma: Tensor, condition: Condition) -> Tensor:
+        """Predicted velocity [N, C, h, w] at noise level sigma [N]."""
+
+    def velocity_fn(self, condition: Condition):
+        """`(latents, sigma) -> velocity` for a fixed condition: what samplers call."""
+        return partial(self.velocity, condition=condition)
+
+    @abstractmethod
+    def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the latent token grid for an image of (H, W) pixels."""
+
+    def pixel_to_tokens(self, masks: Tensor) -> Tensor:
+        """Pixel masks [N, H, W] -> fraction of each latent token they cover [N, rows * cols].
+
+        Region methods use this to move masks between pixels and tokens without knowing the
+        backbone; the default assumes the token grid tiles the image evenly.
+        """
+        rows, cols = self.token_grid(tuple(masks.shape[-2:]))
+        cover = nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), (rows, cols))
+        return cover.flatten(1)
+
+    # LoRA and the reference view, shared by every backbone through peft.
+    @property
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The network that LoRA adapts (the transformer; never the VAE or text encoder)."""
+
+    def add_lora(self, settings: LoraSettings) -> None:
+        """Freeze the policy and attach a trainable LoRA adapter to the denoiser."""
+        self.requires_grad_(False)
+        add_lora(self.denoiser, settings)
+
+    @property
+    def has_lora(self) -> bool:
+        return has_lora(self.denoiser)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy for KL: the same network with the adapter switched off."""
+        if not self.has_lora:
+            raise RuntimeError(
+                "the reference view needs a LoRA adapter (call add_lora first); without one "
+                "the policy and its reference would be the same network"
+            )
+        with adapters_disabled(self.denoiser):
+            yield
+
+    def latent_noise(
+        self, latents_like: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randn(
+            latents_like.shape,
+            generator=generator,
+            device=latents_like.device,
+            dtype=latents_like.dtype,
+        )

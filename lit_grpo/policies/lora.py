@@ -1,0 +1,99 @@
+"""LoRA through peft for any `nn.Module` (the tiny editor and diffusers transformers alike).
+
+peft is imported lazily: it pulls in transformers, which costs seconds at start-up.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class LoraSettings:
+    """A LoRA adapter.
+
+    rank:            r of the low-rank update
+    alpha:           scale numerator (update scaled by alpha / rank)
+    target_modules:  module names (suffixes) that get an adapter; the policy's default if empty
+    dropout:         LoRA dropout
+    """
+
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=list)
+    dropout: float = 0.0
+
+
+def add_lora(module: nn.Module, settings: LoraSettings, default_targets: list[str] | None = None):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = settings.target_modules or default_targets or getattr(module, "lora_targets", None)
+    if not targets:
+        raise ValueError(
+            f"no LoRA target modules for {type(module).__name__}: set lora.target_modules"
+        )
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        init_lora_weights=True,  # B = 0: step 0 of training is exactly the loaded model
+    )
+    try:
+        inject_adapter_in_model(config, module)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"LoRA targets {list(targets)} not found; linear layers here: {names}"
+        ) from err
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any("lora_A" in name for name, _ in module.named_parameters())
+
+
+def _tuner_layers(module: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Run `module` as its base model; the adapter is back on afterwards, even on error."""
+    layers = _tuner_layers(module)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def lora_state_dict(module: nn.Module) -> dict:
+    """Only the adapter weights (what a LoRA export or a small checkpoint needs)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def merged_state_dict(module: nn.Module) -> dict:
+    """State dict with adapters folded into the base weights, under the base layers' names."""
+    layers = _tuner_layers(module) if has_lora(module) else []
+    for layer in layers:
+        layer.merge()
+    try:
+        state = {}
+        for key, value in module.state_dict().items():
+            if "lora_" in key:
+                continue
+            state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        return state
+    finally:
+        for layer in layers:
+            layer.unmerge()

@@ -1,0 +1,132 @@
+"""Loading and saving policy weights, with errors that tell the user what to do.
+
+Formats:
+- `.safetensors` written by `save_policy_weights`: the merged (adapter-free) state dict and,
+  in the metadata, the policy class and its constructor config, so an incompatible file is
+  named as such instead of failing deep inside `load_state_dict`;
+- a Lightning `.ckpt` of a lit_grpo stage (its `lit_grpo_policy` entry, written by the stage);
+- a built-in name: a file shipped in `lit_grpo/weights/` (see `BUILTIN`).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_grpo.checks import ConfigError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+BUILTIN = {"shapeworld-sft": WEIGHTS_DIR / "shapeworld_sft.safetensors"}
+
+
+class IncompatibleWeightsError(ConfigError):
+    pass
+
+
+def resolve_weights_path(weights: str) -> Path:
+    if weights in BUILTIN:
+        path = BUILTIN[weights]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"built-in weights {weights!r} are missing from the installed package ({path}); "
+                "reinstall lit_grpo or reproduce them with `python -m lit_grpo fit --config "
+                "configs/sft.yaml` and pass the checkpoint path instead"
+            )
+        return path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"policy weights file not found: {path.resolve()}. Pass a .safetensors written by "
+            f"lit_grpo, a lit_grpo .ckpt, one of the built-in names {sorted(BUILTIN)}, or "
+            "weights: null to start from random initialisation"
+        )
+    return path
+
+
+def policy_state(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights with any LoRA adapter merged in (a plain, adapter-free state dict)."""
+    from lit_grpo.policies.lora import merged_state_dict
+
+    return merged_state_dict(policy)
+
+
+def save_policy_weights(policy: nn.Module, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in policy_state(policy).items()}
+    meta = {"class": type(policy).__name__, "config": json.dumps(getattr(policy, "config", {}))}
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
+    """(state dict, constructor config, class name) stored in a weights file or checkpoint."""
+    path = resolve_weights_path(weights)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+        config = json.loads(meta.get("config", "{}"))
+        cls = meta.get("class")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise IncompatibleWeightsError(f"could not read checkpoint {path}: {err}") from err
+        entry = ckpt.get("lit_grpo_policy") if isinstance(ckpt, dict) else None
+        if entry is None:
+            raise IncompatibleWeightsError(
+                f"{path} holds no lit_grpo policy (no 'lit_grpo_policy' entry): it was not "
+                "written by a lit_grpo stage"
+            )
+        state, config, cls = entry["state_dict"], entry["config"], entry["class"]
+    return state, config, cls
+
+
+def load_policy(weights: str) -> nn.Module:
+    """Build the policy a weights file describes and load it (no config needed)."""
+    from lit_grpo import policies
+
+    _, config, cls = read_policy_file(weights)
+    factory = getattr(policies, cls or "", None)
+    if factory is None:
+        raise IncompatibleWeightsError(f"{weights} holds weights of unknown policy class {cls!r}")
+    return factory(**config, weights=weights)
+
+
+def load_policy_weights(policy: nn.Module, weights: str) -> None:
+    path = resolve_weights_path(weights)
+    state, config, cls = read_policy_file(weights)
+    _check_compatible(policy, path, cls, config)
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise IncompatibleWeightsError(
+            f"{path} does not fit {type(policy).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def _check_compatible(policy: nn.Module, path: Path, cls: str | None, config: dict) -> None:
+    if cls and cls != type(policy).__name__:
+        raise IncompatibleWeightsError(
+            f"{path} holds weights of {cls}, not {type(policy).__name__}; choose the matching "
+            "policy class_path in the config"
+        )
+    mine = getattr(policy, "config", {})
+    differ = {k: (config[k], mine[k]) for k in config if k in mine and config[k] != mine[k]}
+    if differ:
+        lines = ", ".join(
+            f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in differ.items() if k != "vocabulary"
+        )
+        if "vocabulary" in differ:
+            lines += (", " if lines else "") + "vocabulary differs"
+        raise IncompatibleWeightsError(
+            f"{path} was trained with another architecture ({lines}); set the policy's "
+            "init_args to the file's values"
+        )

@@ -1,0 +1,1 @@
+"""Rewards for edits: segmenters, edit-specific scores and their composition."""

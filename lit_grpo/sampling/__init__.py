@@ -1,0 +1,21 @@
+"""Sigma schedules and sampler steps (torch only, no Lightning)."""
+
+from lit_grpo.sampling.flow import (
+    add_noise,
+    ode_step,
+    sample_sigmas,
+    shortcut_to_data,
+    sigma_schedule,
+    velocity_target,
+)
+from lit_grpo.sampling.ode import sample_ode
+
+__all__ = [
+    "add_noise",
+    "ode_step",
+    "sample_ode",
+    "sample_sigmas",
+    "shortcut_to_data",
+    "sigma_schedule",
+    "velocity_target",
+]

@@ -1,0 +1,146 @@
+"""The CLI as a user meets it: configs, an end-to-end fit, errors on bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_grpo.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# A few steps of a 20k-parameter editor at 16 px: the whole fit takes seconds on 2 cores.
+TINY = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--model.init_args.policy.init_args.width=32",
+    "--model.init_args.policy.init_args.depth=1",
+    "--model.init_args.policy.init_args.heads=2",
+    "--model.init_args.warmup_steps=1",
+    "--model.init_args.sample_steps=2",
+    "--model.init_args.grid_size=2",
+    "--data.init_args.resolution=16",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.val_size=4",
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path" in printed and "${" not in printed  # interpolations resolved
+
+
+def test_fit_end_to_end_changes_weights_and_logs_to_mlflow(in_tmp):
+    import mlflow
+
+    args = ["--config", str(ROOT / "configs/sft.yaml"), *TINY]
+    before = run_cli(args, run=False).model  # same seed, same config: the initial weights
+    again = run_cli(args, run=False).model
+    assert all(
+        torch.equal(a, b) for a, b in zip(before.state_dict().values(), again.state_dict().values())
+    )
+    cli = run_cli(["fit", *args])
+    initial = dict(before.named_parameters())
+    trained = dict(cli.model.named_parameters())
+    unchanged = [
+        n
+        for n, p in trained.items()
+        if p.requires_grad and torch.equal(p.detach(), initial[n].detach())
+    ]
+    assert not unchanged, f"parameters that did not train: {unchanged[:5]}"
+
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("shapeworld-sft")
+    (run,) = client.search_runs([exp.experiment_id])
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(losses) == 4 and all(m.value > 0 for m in losses)
+    assert client.get_metric_history(run.info.run_id, "val/loss")
+    assert run.data.params["model.policy.width"] == "32"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "images" in artifacts
+    ckpts = list((in_tmp / "runs").rglob("last.ckpt"))
+    assert len(ckpts) == 1
+    # The checkpoint carries a self-describing policy another stage can start from.
+    from lit_grpo.policies.weights import load_policy
+
+    policy = load_policy(str(ckpts[0]))
+    assert torch.equal(
+        policy.state_dict()["transformer.proj_out.weight"],
+        cli.model.policy.state_dict()["transformer.proj_out.weight"],
+    )
+
+
+def _cli(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_grpo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_config_typo_names_the_key(in_tmp):
+    out = _cli(
+        "fit", "--config", str(ROOT / "configs/sft.yaml"), "--model.init_args.lrr=1", cwd=in_tmp
+    )
+    assert out.returncode != 0
+    assert "lrr" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_checkpoint_and_weights_are_named(in_tmp):
+    out = _cli(
+        "fit", "--config", str(ROOT / "configs/sft.yaml"), "--ckpt_path=gone.ckpt", cwd=in_tmp
+    )
+    assert out.returncode == 2
+    assert "gone.ckpt" in out.stderr and "--ckpt_path" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/sft.yaml"),
+        *TINY,
+        "--model.init_args.policy.init_args.weights=missing.safetensors",
+        cwd=in_tmp,
+    )
+    assert out.returncode == 2
+    assert "missing.safetensors" in out.stderr and "weights: null" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unwritable_output_directory_is_reported_before_training(in_tmp):
+    (in_tmp / "afile").write_text("a file, not a directory")
+    out = _cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/sft.yaml"),
+        *TINY,
+        f"--trainer.default_root_dir={in_tmp / 'afile' / 'runs'}",
+        cwd=in_tmp,
+    )
+    assert out.returncode == 2
+    assert "cannot write the output directory" in out.stderr and "afile" in out.stderr
+    assert not (in_tmp / "mlruns").exists() or not list((in_tmp / "runs").rglob("*.ckpt"))
+
+
+def test_top_level_help_lists_commands_without_lightning():
+    code = (
+        "import sys; from lit_grpo.__main__ import main; main(['--help']); "
+        "print('LIGHTNING_LOADED' if 'lightning' in sys.modules else 'LIGHT')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "fit" in out.stdout and "validate" in out.stdout and "LIGHT\n" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "lit_grpo", "fitt"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'fitt'" in bad.stderr

@@ -1,0 +1,107 @@
+"""Exact-value tests of the flow-matching convention and the SFT loss."""
+
+import pytest
+import torch
+
+from lit_grpo.policies.base import Condition, EditPolicy
+from lit_grpo.sampling import (
+    add_noise,
+    ode_step,
+    sample_ode,
+    sample_sigmas,
+    shortcut_to_data,
+    sigma_schedule,
+    velocity_target,
+)
+
+
+def test_sigma_schedule_plain_and_shifted():
+    assert torch.allclose(sigma_schedule(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    # shift 3: 3 * 0.5 / (1 + 2 * 0.5) = 0.75; endpoints stay at 1 and 0
+    s = sigma_schedule(2, shift=3.0)
+    assert torch.allclose(s, torch.tensor([1.0, 0.75, 0.0]))
+    with pytest.raises(ValueError, match="steps"):
+        sigma_schedule(0)
+
+
+def test_add_noise_and_target_by_hand():
+    x0 = torch.tensor([[2.0, -1.0]])
+    noise = torch.tensor([[0.0, 3.0]])
+    xs = add_noise(x0, noise, torch.tensor([0.25]))
+    assert torch.allclose(xs, torch.tensor([[1.5, 0.0]]))  # 0.75 * x0 + 0.25 * noise
+    assert torch.allclose(velocity_target(x0, noise), torch.tensor([[-2.0, 4.0]]))
+
+
+def test_ode_step_and_shortcut_recover_data_for_exact_velocity():
+    x0, noise = torch.randn(3, 4), torch.randn(3, 4)
+    v = velocity_target(x0, noise)
+    sigma = torch.tensor([0.8, 0.5, 0.3])
+    xs = add_noise(x0, noise, sigma)
+    assert torch.allclose(ode_step(xs, v, sigma, torch.zeros(3)), x0, atol=1e-6)
+    assert torch.allclose(shortcut_to_data(xs, v, sigma), x0, atol=1e-6)
+    # one step from 0.5 to 0.25 lands on the straight path
+    step = ode_step(add_noise(x0, noise, torch.full((3,), 0.5)), v, 0.5, 0.25)
+    assert torch.allclose(step, add_noise(x0, noise, torch.full((3,), 0.25)), atol=1e-6)
+
+
+def test_sample_ode_with_straight_flow_reaches_the_data():
+    x0 = torch.randn(2, 3, 4, 4)
+
+    def velocity(x, sigma):  # the exact velocity of the straight path towards x0
+        return (x - x0) / sigma.view(-1, 1, 1, 1)
+
+    out = sample_ode(velocity, torch.randn(2, 3, 4, 4), steps=5)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_sample_sigmas_kinds():
+    g = torch.Generator().manual_seed(0)
+    s = sample_sigmas(1000, g, "logit_normal")
+    assert s.min() > 0 and s.max() < 1 and abs(s.mean() - 0.5) < 0.03
+    u = sample_sigmas(1000, g, "uniform")
+    assert u.min() > 0 and u.max() < 1
+    with pytest.raises(ValueError, match="unknown sigma sampling"):
+        sample_sigmas(3, kind="beta")
+
+
+class ConstantPolicy(EditPolicy):
+    """Predicts a fixed velocity c; the loss is then ||c - (noise - x0)||^2 by hand."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+        self.dummy = torch.nn.Linear(1, 1)
+
+    denoiser = property(lambda self: self.dummy)
+
+    def encode_images(self, images):
+        return images * 2 - 1
+
+    def decode(self, latents):
+        return (latents + 1) / 2
+
+    def encode_condition(self, images, instructions):
+        n = images.shape[0]
+        return Condition(torch.zeros(n, 1, 1), torch.ones(n, 1, dtype=torch.bool), images)
+
+    def velocity(self, latents, sigma, condition):
+        return torch.full_like(latents, self.c)
+
+    def token_grid(self, image_size):
+        return image_size
+
+
+def test_flow_matching_loss_on_hand_made_tensors():
+    from lit_grpo.modules.sft import SFTModule
+
+    module = SFTModule(ConstantPolicy(0.5))
+    batch = {
+        "source": torch.zeros(2, 3, 2, 2),
+        "target": torch.full((2, 3, 2, 2), 0.75),  # x0 = 0.5
+        "instruction": ["a", "b"],
+    }
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    loss = module.flow_matching_loss(batch, gen, sigma=torch.tensor([0.3, 0.6]))
+    expected = ((0.5 - (noise - 0.5)) ** 2).mean()
+    assert torch.allclose(loss, expected)
