@@ -1,0 +1,104 @@
+"""GRPO's pure tensor functions: group advantages, the clipped ratio loss, the KL term.
+
+No Lightning here: each function has an exact-value test (tests/test_objectives.py).
+Layout: rollouts of one condition are contiguous, rewards [B * G] = B groups of G.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Advantages:
+    """values: [B * G] advantages (0 in skipped groups); zero_spread: [B] groups with no
+    reward spread (they carry no signal and are skipped); valid: [B * G] rollouts that count."""
+
+    values: Tensor
+    zero_spread: Tensor
+    valid: Tensor
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    std: str = "global",
+    clamp: float = 5.0,
+    eps: float = 1e-4,
+    spread_tol: float = 1e-6,
+) -> Advantages:
+    """A_i = (r_i - mean_group(r)) / (std + eps), clamped to +-clamp.
+
+    std "group" divides by each group's own std; "global" (the Flow-GRPO default) by the std
+    of all rewards gathered, which keeps low-variance groups from being blown up. Non-finite
+    rewards are dropped from their group's statistics and get advantage 0 (valid False).
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * {group_size}], got {tuple(rewards.shape)}")
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    r = rewards.double().view(-1, group_size)  # [B, G]
+    finite = torch.isfinite(r)
+    count = finite.sum(1, keepdim=True)
+    r0 = torch.where(finite, r, torch.zeros_like(r))
+    mean = r0.sum(1, keepdim=True) / count.clamp_min(1)
+    centred = torch.where(finite, r - mean, torch.zeros_like(r))
+    group_var = (centred**2).sum(1, keepdim=True) / count.clamp_min(1)
+    zero_spread = (group_var.squeeze(1).sqrt() <= spread_tol) | (count.squeeze(1) < 2)
+    if std == "group":
+        denom = group_var.sqrt()
+    else:
+        pooled = r[finite]
+        denom = pooled.std(unbiased=False) if pooled.numel() > 1 else torch.zeros((), dtype=r.dtype)
+    adv = (centred / (denom + eps)).clamp(-clamp, clamp)
+    valid = finite & ~zero_spread[:, None]
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return Advantages(
+        adv.flatten().to(rewards.dtype if rewards.is_floating_point() else torch.float32),
+        zero_spread,
+        valid.flatten(),
+    )
+
+
+@dataclass
+class PolicyLossStats:
+    ratio_mean: Tensor
+    clip_fraction: Tensor
+    approx_kl: Tensor
+
+
+def clipped_policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO/GRPO clipped surrogate: mean(max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e))).
+
+    Any shape works as long as the three inputs broadcast ([N] per rollout, or [N, T] per
+    token for region methods); `weights` (same shape, e.g. a validity mask) makes it a
+    weighted mean.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    per_item = torch.maximum(unclipped, clipped)
+    w = torch.ones_like(per_item) if weights is None else weights.to(per_item).expand_as(per_item)
+    total = w.sum().clamp_min(1e-8)
+    loss = (per_item * w).sum() / total
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            ratio_mean=(ratio * w).sum() / total,
+            clip_fraction=(((ratio - 1).abs() > clip_range).float() * w).sum() / total,
+            approx_kl=(0.5 * (log_prob - old_log_prob) ** 2 * w).sum() / total,
+        )
+    return loss, stats
+
+
+def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL between the policy's and the reference's step Gaussians (same std), per sample [N]:
+    mean over elements of (mean - ref_mean)^2 / (2 std^2)."""
+    sq = ((mean.float() - ref_mean.float()) ** 2).flatten(1).mean(1)
+    return sq / (2 * std.float().flatten() ** 2)
