@@ -74,12 +74,15 @@ def clipped_policy_loss(
     advantages: Tensor,
     clip_range: float,
     weights: Tensor | None = None,
+    denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO/GRPO clipped surrogate: mean(max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e))).
 
     Any shape works as long as the three inputs broadcast ([N] per rollout, or [N, T] per
     token for region methods); `weights` (same shape, e.g. a validity mask) makes it a
-    weighted mean.
+    weighted mean. `denominator` replaces sum(weights) as the normaliser: under DDP, pass
+    (valid rows on all ranks) / world so that averaging gradients over ranks gives exactly
+    the single-process loss even when ranks hold different numbers of valid rows.
     """
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -87,7 +90,8 @@ def clipped_policy_loss(
     per_item = torch.maximum(unclipped, clipped)
     w = torch.ones_like(per_item) if weights is None else weights.to(per_item).expand_as(per_item)
     total = w.sum().clamp_min(1e-8)
-    loss = (per_item * w).sum() / total
+    norm = total if denominator is None else torch.as_tensor(denominator).to(total).clamp_min(1e-8)
+    loss = (per_item * w).sum() / norm
     with torch.no_grad():
         stats = PolicyLossStats(
             ratio_mean=(ratio * w).sum() / total,
@@ -102,3 +106,22 @@ def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     mean over elements of (mean - ref_mean)^2 / (2 std^2)."""
     sq = ((mean.float() - ref_mean.float()) ** 2).flatten(1).mean(1)
     return sq / (2 * std.float().flatten() ** 2)
+
+
+def gathered_group_advantages(
+    local_rewards: Tensor, group_size: int, gather, rank: int, **kwargs
+) -> tuple[Advantages, Tensor, Tensor]:
+    """Group advantages computed on the rewards of every rank, sliced back to this rank.
+
+    `gather(t)` returns every rank's `t` stacked ([world, N]; `t` itself when alone), e.g.
+    Lightning's `LightningModule.all_gather`. Every rank then normalises the same numbers, so
+    the "global" std and the skip decisions agree across ranks and with a single process.
+    Ranks hold whole groups (a condition's G rollouts never straddle ranks).
+    Returns (advantages of all ranks, this rank's values [N], this rank's valid mask [N]).
+    """
+    gathered = gather(local_rewards)
+    flat = gathered.reshape(-1)
+    adv = group_advantages(flat, group_size, **kwargs)
+    n = local_rewards.shape[0]
+    r = rank if gathered.ndim > local_rewards.ndim else 0
+    return adv, adv.values[r * n : (r + 1) * n], adv.valid[r * n : (r + 1) * n]

@@ -19,7 +19,7 @@ from lit_grpo.loggers import log_image
 from lit_grpo.modules.grids import edit_grid
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
-from lit_grpo.policies.weights import policy_state
+from lit_grpo.policies.weights import policy_checkpoint_entry
 from lit_grpo.sampling import add_noise, sample_ode, sample_sigmas, velocity_target
 
 
@@ -122,10 +122,6 @@ class SFTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A self-describing, adapter-merged copy of the policy, so that any later stage (or
-        # `TinyEditPolicy(weights=...)`) can start from this checkpoint without the module.
-        checkpoint["lit_grpo_policy"] = {
-            "class": type(self.policy).__name__,
-            "config": getattr(self.policy, "config", {}),
-            "state_dict": policy_state(self.policy),
-        }
+        checkpoint["lit_grpo_policy"] = policy_checkpoint_entry(
+            self.policy, checkpoint["state_dict"]
+        )

@@ -8,6 +8,7 @@ Formats:
 - a built-in name: a file shipped in `lit_grpo/weights/` (see `BUILTIN`).
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -49,6 +50,28 @@ def policy_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     from lit_grpo.policies.lora import merged_state_dict
 
     return merged_state_dict(policy)
+
+
+def policy_checkpoint_entry(
+    policy: nn.Module, module_state: dict | None = None, prefix: str = "policy."
+) -> dict:
+    """What a lit_grpo stage stores under `checkpoint["lit_grpo_policy"]`: a self-describing,
+    adapter-merged copy of the policy that any later stage can start from.
+
+    `module_state` is the checkpoint's `state_dict`: callbacks such as Lightning's
+    EMAWeightAveraging put the averaged weights there, and those are the ones to keep.
+    """
+    if module_state is not None:
+        state = {k[len(prefix) :]: v for k, v in module_state.items() if k.startswith(prefix)}
+        live = policy.state_dict()
+        if any(k in live and not torch.equal(live[k], v) for k, v in state.items()):
+            policy = copy.deepcopy(policy)
+            policy.load_state_dict(state)
+    return {
+        "class": type(policy).__name__,
+        "config": getattr(policy, "config", {}),
+        "state_dict": policy_state(policy),
+    }
 
 
 def save_policy_weights(policy: nn.Module, path: str | Path) -> Path:

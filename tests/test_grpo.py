@@ -1,0 +1,255 @@
+"""The GRPO stage: rollouts, the first ratio, degenerate batches, rewards, DDP advantages."""
+
+import os
+import socket
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_grpo.datamodules import ShapeWorldDataModule
+from lit_grpo.datamodules.shapeworld import ShapeWorld
+from lit_grpo.modules import GRPOModule
+from lit_grpo.modules.objectives import clipped_policy_loss, gathered_group_advantages
+from lit_grpo.policies import LoraSettings, TinyEditPolicy
+from lit_grpo.rewards import (
+    BackgroundReward,
+    ColourSegmenter,
+    Reward,
+    RewardInputs,
+    RewardOutput,
+    TranslationReward,
+)
+
+
+class ConstantReward(Reward):
+    name = "constant"
+
+    def forward(self, inputs):
+        return RewardOutput(torch.ones(inputs.images.shape[0]))
+
+
+class HalfNaNReward(Reward):
+    """Random scores with the first rollout of every group NaN."""
+
+    name = "half_nan"
+
+    def forward(self, inputs):
+        n = inputs.images.shape[0]
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        scores[::4] = float("nan")
+        return RewardOutput(scores)
+
+
+def make_module(rewards=None, **kw):
+    torch.manual_seed(0)
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    # adaLN-Zero starts with closed gates (no gradient reaches LoRA); open them as training would
+    for p in policy.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    kw = {
+        "lora": LoraSettings(rank=4, alpha=4),
+        "group_size": 4,
+        "sample_steps": 4,
+        "eval_steps": 2,
+        **kw,
+    }
+    return GRPOModule(policy, rewards or [TranslationReward(), BackgroundReward()], **kw)
+
+
+def make_batch(n=2, tasks=("translate",)):
+    data = ShapeWorld("train", n, 16, tasks)
+    return torch.utils.data.default_collate([data[i] for i in range(n)])
+
+
+def fit(module, steps=2, batches=2):
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_train_batches=batches,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    data = ShapeWorldDataModule(
+        resolution=16, batch_size=2, tasks=["translate"], train_size=2 * batches, val_size=2
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+def lora_params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+def test_rollout_layout_and_first_ratio_is_exactly_one():
+    module = make_module()
+    batch = make_batch()
+    rollout = module.rollout(batch, torch.Generator().manual_seed(0))
+    # 2 conditions x G=4 rollouts, 3 trained SDE steps (the last of 4 steps is the ODE step)
+    assert rollout.states.shape == (8, 3, 3, 16, 16) and rollout.log_probs.shape == (8, 3)
+    assert rollout.images.shape == (8, 3, 16, 16)
+    assert torch.equal(rollout.condition.text[0], rollout.condition.text[3])
+    assert not torch.equal(rollout.images[0], rollout.images[1])  # the SDE explores
+    rows = torch.arange(8)
+    adv = torch.randn(8)
+    for k in range(3):
+        step, _, _ = module.step_log_prob(rollout, rows, k)  # with grad, as in the update
+        assert torch.equal(step.log_prob.detach(), rollout.log_probs[:, k])
+        _, stats = clipped_policy_loss(step.log_prob, rollout.log_probs[:, k], adv, 2e-4)
+        assert stats.ratio_mean.item() == 1.0 and stats.clip_fraction.item() == 0.0
+
+
+def test_training_updates_lora_and_logs_every_statistic():
+    module = make_module()
+    before = lora_params(module)
+    trainer = fit(module, steps=2)
+    after = lora_params(module)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(before), "every LoRA parameter trains within two steps"
+    base = [p for n, p in module.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in base)
+    m = trainer.callback_metrics
+    for key in (
+        "reward/total",
+        "reward/translation",
+        "reward/background",
+        "reward_std/total",
+        "adv/std",
+        "groups/zero_spread_fraction",
+        "train/approx_kl",
+        "train/clip_fraction",
+        "time/sampling",
+        "time/rewards",
+        "time/update",
+    ):
+        assert key in m, key
+    assert m["train/ratio"].item() == 1.0  # one minibatch, one inner epoch: on-policy
+
+
+def test_all_zero_spread_batch_is_skipped_not_fatal():
+    module = make_module([ConstantReward()])
+    before = lora_params(module)
+    trainer = fit(module, steps=2, batches=2)
+    assert trainer.callback_metrics["groups/zero_spread_fraction"].item() == 1.0
+    assert trainer.callback_metrics["train/skipped"].item() == 1.0
+    assert all(torch.equal(before[n], p) for n, p in lora_params(module).items())
+
+
+def test_nan_rewards_are_dropped_and_training_goes_on():
+    module = make_module([HalfNaNReward()])
+    before = lora_params(module)
+    trainer = fit(module, steps=1, batches=1)
+    assert trainer.callback_metrics["groups/dropped_samples"].item() == 2.0
+    assert trainer.callback_metrics["train/skipped"].item() == 0.0
+    assert any(not torch.equal(before[n], p) for n, p in lora_params(module).items())
+
+
+def test_spatial_rewards_on_exact_edits_and_misses():
+    data = ShapeWorld("test", 12, 32, ("translate",))
+    batch = torch.utils.data.default_collate([data[i] for i in range(12)])
+    seg = ColourSegmenter()
+
+    def inputs(images):
+        return RewardInputs(
+            images,
+            batch["source"],
+            batch,
+            seg(batch["source"], batch["object"]),
+            seg(images, batch["object"]),
+        )
+
+    perfect = TranslationReward(move_fraction=0.25)(inputs(batch["target"]))
+    assert torch.allclose(perfect.scores, torch.ones(12), atol=0.02)
+    assert perfect.extras["translation_success"].sum() == 12
+    unmoved = TranslationReward()(inputs(batch["source"]))
+    assert unmoved.scores.abs().max() < 0.02
+    blank = torch.full_like(batch["source"], 0.5)  # the object is gone
+    missed = TranslationReward(across_penalty=0.5)(inputs(blank))
+    assert torch.equal(missed.scores, torch.full((12,), -1.5))
+    bg = BackgroundReward()(inputs(batch["target"]))
+    # the true target leaves the background untouched, up to faint anti-aliased edge pixels
+    # beyond the 1 px margin around the detected masks
+    assert bg.scores.abs().max() < 1e-3
+    assert torch.equal(BackgroundReward()(inputs(batch["source"])).scores, torch.zeros(12))
+    noisy = (batch["source"] + 0.1 * torch.randn_like(batch["source"])).clamp(0, 1)
+    assert (BackgroundReward()(inputs(noisy)).scores < -0.05).all()
+
+
+def test_reward_scores_only_its_task():
+    data = ShapeWorld("test", 8, 32, ("rotate", "scale"))
+    batch = torch.utils.data.default_collate([data[i] for i in range(8)])
+    seg = ColourSegmenter()
+    out = TranslationReward()(
+        RewardInputs(
+            batch["target"],
+            batch["source"],
+            batch,
+            seg(batch["source"], batch["object"]),
+            seg(batch["target"], batch["object"]),
+        )
+    )
+    assert torch.equal(out.scores, torch.zeros(8))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        make_module(group_size=1)
+    with pytest.raises(ValueError, match="kl_beta"):
+        make_module(lora=None, kl_beta=0.1)
+
+
+# --- DDP: 2 gloo processes give the same advantages and loss as one --------------------------
+G, N_PER_RANK = 4, 8
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.rand(2 * N_PER_RANK, generator=g)
+    rewards[4:8] = 0.5  # a zero-spread group on rank 0 only: uneven valid counts
+    rewards[13] = float("nan")
+    logp_old = torch.randn(2 * N_PER_RANK, generator=g)
+    logp_new = logp_old + 1e-4 * torch.randn(2 * N_PER_RANK, generator=g)
+    return rewards, logp_old, logp_new
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rewards, logp_old, logp_new = _data()
+    local = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+
+    def gather(t):
+        parts = [torch.zeros_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        return torch.stack(parts)
+
+    adv, values, valid = gathered_group_advantages(rewards[local], G, gather, rank, std="global")
+    denom = adv.valid.sum().item() / world
+    loss, _ = clipped_policy_loss(
+        logp_new[local], logp_old[local], values, 2e-4, valid.float(), denom
+    )
+    dist.all_reduce(loss)  # DDP averages gradients: the effective loss is the rank mean
+    out[rank] = torch.cat([values, (loss / world).reshape(1)])
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process():
+    rewards, logp_old, logp_new = _data()
+    adv, values, valid = gathered_group_advantages(rewards, G, lambda t: t, 0, std="global")
+    loss, _ = clipped_policy_loss(logp_new, logp_old, values, 2e-4, valid.float())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.get_context("spawn").Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    ddp_values = torch.cat([out[0][:-1], out[1][:-1]])
+    assert torch.allclose(ddp_values, values, atol=1e-6)
+    assert torch.allclose(out[0][-1], loss, atol=1e-7) and torch.allclose(out[1][-1], loss)
+    assert adv.zero_spread.tolist() == [False, True, False, False]
