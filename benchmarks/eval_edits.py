@@ -31,16 +31,21 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter, progress):
     from lit_grpo import geometry as geo
-    from lit_grpo.sampling import sample_ode
+    from lit_grpo.rewards import RewardInputs, RotationReward, ScaleReward, TranslationReward
+
+    # the GRPO stage's own spatial rewards: each scores its task's rows, 0 elsewhere
+    spatial = [
+        TranslationReward(move_fraction=dataset.move_fraction),
+        RotationReward(),
+        ScaleReward(),
+    ]
 
     rows = {t: [] for t in ("translate", "rotate", "scale")}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     gen = torch.Generator().manual_seed(seed)
     for batch in progress(loader):
         src = batch["source"]
-        cond = policy.encode_condition(src, batch["instruction"])
-        noise = torch.randn(policy.encode_images(src).shape, generator=gen)
-        edited = policy.decode(sample_ode(policy.velocity_fn(cond), noise, steps))
+        edited = policy.edit(src, batch["instruction"], steps, generator=gen)
         before = segmenter(src, batch["object"])
         after = segmenter(edited, batch["object"])
         size = tuple(src.shape[-2:])
@@ -52,6 +57,9 @@ def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter,
             "rot_err": geo.rotation_error(before, after, batch["angle"]),
             "scale_err": geo.scale_error(before, after, batch["factor"]),
             "l1": geo.background_l1(src, edited, keep),
+            "reward": sum(
+                r(RewardInputs(edited, src, batch, before, after)).scores for r in spatial
+            ),
         }
         for i, task in enumerate(batch["task"]):
             rows[task].append({k: float(v[i]) for k, v in out.items()})
@@ -68,7 +76,16 @@ def summarise(samples: list[dict], task: str) -> dict:
         vals = [missing if math.isnan(s[key]) else s[key] for s in samples]
         return sum(vals) / n
 
-    row = {"n": n, "found": found / n, "l1": mean("l1", float("nan"))}
+    rewards = [s["reward"] for s in samples]
+    r_mean = sum(rewards) / n
+    r_sd = math.sqrt(sum((r - r_mean) ** 2 for r in rewards) / max(n - 1, 1))
+    row = {
+        "n": n,
+        "found": found / n,
+        "l1": mean("l1", float("nan")),
+        "reward": r_mean,
+        "reward_ci": 1.96 * r_sd / math.sqrt(n),
+    }
     if task == "translate":
         ok = sum(0 if math.isnan(s["trans_ok"]) else s["trans_ok"] for s in samples)
         row.update(dist=mean("dist", 0.0), acc=ok / n, ci=wilson(ok, n))
@@ -132,9 +149,13 @@ def main(argv=None) -> int:
         for task in args.tasks:
             results.append((weights, task, summarise(rows[task], task), secs))
 
-    head = f"{'policy':<34} {'task':<9} {'n':>4} {'found':>6} {'dist':>6} {'acc':>6} {'95% CI':>13} {'rot.err':>7} {'bg L1':>6}"
+    head = (
+        f"{'policy':<34} {'task':<9} {'n':>4} {'found':>6} {'reward':>15} {'dist':>6} "
+        f"{'acc':>6} {'95% CI':>13} {'rot.err':>7} {'bg L1':>6}"
+    )
     print(
-        f"ShapeWorld {args.split} split, {args.resolution}px, {args.steps} ODE steps, seed {args.seed}"
+        f"ShapeWorld {args.split} split, {args.resolution}px, {args.steps} ODE steps, "
+        f"seed {args.seed}"
     )
     print(head)
     print("-" * len(head))
@@ -143,12 +164,14 @@ def main(argv=None) -> int:
         if not r:
             continue
         ci = f"[{r['ci'][0]:.3f},{r['ci'][1]:.3f}]"
+        reward = f"{r['reward']:6.3f}+-{r['reward_ci']:.3f}"
         print(
-            f"{weights[-34:]:<34} {task:<9} {r['n']:>4} {r['found']:6.3f} {fmt(r.get('dist'))} "
-            f"{r['acc']:6.3f} {ci:>13} {fmt(r.get('rot_err')):>7} {r['l1']:6.3f}"
+            f"{weights[-34:]:<34} {task:<9} {r['n']:>4} {r['found']:6.3f} {reward:>15} "
+            f"{fmt(r.get('dist'))} {r['acc']:6.3f} {ci:>13} {fmt(r.get('rot_err')):>7} "
+            f"{r['l1']:6.3f}"
         )
     print(
-        "acc: translate = moved the instructed way by > 5% of the side; rotate = within 20 deg;"
+        "reward: the task's spatial reward (GRPO's), mean +- 95% CI half-width. acc: translate = moved the instructed way by > 5% of the side; rotate = within 20 deg;"
         " scale = size ratio within 15% of the factor. A missed object counts as a failure."
     )
     return 0

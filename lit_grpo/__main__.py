@@ -13,6 +13,11 @@ LIGHTNING_COMMANDS = {
     "predict": "run the predict loop of a config",
 }
 
+# name -> (module under lit_grpo.commands, help line); imported only when run
+OTHER_COMMANDS = {
+    "export": ("export", "write the policy of a lit_grpo checkpoint as a .safetensors file"),
+}
+
 HELP = """usage: python -m lit_grpo <command> [--config FILE.yaml] [options]
 
 lit_grpo: reinforcement-learning post-training of flow-matching image-editing models.
@@ -25,6 +30,7 @@ examples:
   python -m lit_grpo fit --config configs/sft.yaml --trainer.max_steps=200
   python -m lit_grpo fit --config configs/sft.yaml --print_config
   python -m lit_grpo fit --help          (every option of a command)
+  python -m lit_grpo export runs/1/<run id>/checkpoints/last.ckpt editor.safetensors
 
 Runs are tracked in MLflow: a sqlite store under ./mlruns unless MLFLOW_TRACKING_URI is set
 (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` to browse); checkpoints go to
@@ -36,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        commands = "\n".join(f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items())
+        every = {**LIGHTNING_COMMANDS, **{k: v[1] for k, v in OTHER_COMMANDS.items()}}
+        commands = "\n".join(f"  {name:<10} {text}" for name, text in every.items())
         print(HELP.format(commands=commands))
         return 0
     if argv[0] in ("-V", "--version"):
@@ -45,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lit_grpo {__version__}")
         return 0
     command = argv[0]
+    if command in OTHER_COMMANDS:
+        import importlib
+
+        from lit_grpo.checks import ConfigError
+
+        module = importlib.import_module(f"lit_grpo.commands.{OTHER_COMMANDS[command][0]}")
+        try:
+            return module.main(argv[1:])
+        except (ConfigError, FileNotFoundError, PermissionError) as err:
+            print(f"lit_grpo {command}: error: {err}", file=sys.stderr)
+            return 2
     if command not in LIGHTNING_COMMANDS:
         print(
             f"lit_grpo: unknown command {command!r}; choose one of: "

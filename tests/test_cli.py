@@ -144,3 +144,45 @@ def test_top_level_help_lists_commands_without_lightning():
     assert "fit" in out.stdout and "validate" in out.stdout and "LIGHT\n" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "lit_grpo", "fitt"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'fitt'" in bad.stderr
+
+
+GRPO_TINY = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--model.init_args.group_size=3",
+    "--model.init_args.sample_steps=3",
+    "--model.init_args.eval_steps=2",
+    "--data.init_args.resolution=16",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.val_size=2",
+]
+
+
+def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
+    import mlflow
+
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/talk2move.yaml"), *GRPO_TINY])
+    lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
+    fresh = run_cli(["--config", str(ROOT / "configs/talk2move.yaml"), *GRPO_TINY], run=False)
+    initial = dict(fresh.model.named_parameters())
+    assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("shapeworld-talk2move")
+    (run,) = client.search_runs([exp.experiment_id])
+    metrics = run.data.metrics
+    for key in (
+        "reward/total",
+        "reward/translation",
+        "reward/background",
+        "adv/std",
+        "groups/zero_spread_fraction",
+        "train/clip_fraction",
+        "time/sampling",
+        "time/rewards",
+        "time/update",
+        "val/reward",
+    ):
+        assert key in metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2

@@ -114,6 +114,7 @@ def test_training_updates_lora_and_logs_every_statistic():
     assert len(changed) == len(before), "every LoRA parameter trains within two steps"
     base = [p for n, p in module.named_parameters() if "lora_" not in n]
     assert not any(p.requires_grad for p in base)
+    assert not any(r.training for r in module.rewards)  # judges stay frozen in eval mode
     m = trainer.callback_metrics
     for key in (
         "reward/total",

@@ -111,6 +111,10 @@ def test_missing_and_incompatible_weights_are_named(tmp_path):
     path = save_policy_weights(tiny(), tmp_path / "w32.safetensors")
     with pytest.raises(IncompatibleWeightsError, match="width: file 32 vs config 64"):
         TinyEditPolicy(width=64, depth=2, heads=2, vocabulary=VOCAB, weights=str(path))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(IncompatibleWeightsError, match="could not read weights file"):
+        tiny(weights=str(corrupt))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(IncompatibleWeightsError, match="could not read checkpoint"):

@@ -36,9 +36,9 @@ from lit_grpo.policies.lora import LoraSettings
 from lit_grpo.policies.weights import policy_checkpoint_entry
 from lit_grpo.rewards.base import Reward, RewardInputs
 from lit_grpo.rewards.segmenters import ColourSegmenter, Segmenter
-from lit_grpo.sampling import ode_step, sample_ode, sigma_schedule
+from lit_grpo.sampling import ode_step, randn_like, shortcut_to_data, sigma_schedule
 from lit_grpo.sampling.sde import sde_step
-from lit_grpo.sampling.strategies import FullTrajectory, SamplingStrategy
+from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory, SamplingStrategy
 
 CONDITION_KEYS = ("task", "object", "direction", "angle", "factor", "instruction")
 
@@ -120,12 +120,15 @@ class GRPOModule(L.LightningModule):
         cond = self.policy.encode_condition(batch["source"], batch["instruction"])
         cond = cond.repeat_interleave(g)
         like = self.policy.encode_images(batch["source"]).repeat_interleave(g, 0)
-        x = torch.randn(like.shape, generator=generator, device="cpu").to(like)
+        x = randn_like(like, generator)
         sigmas = sigma_schedule(self.hparams.sample_steps, self.hparams.sample_shift, self.device)
-        plan = self.strategy.plan(self.hparams.sample_steps)
+        plan = self.strategy.plan(self.hparams.sample_steps, self.global_step)
         states, nexts, logps = [], [], []
         for i in range(self.hparams.sample_steps):
             v = self.policy.velocity(x, sigmas[i].expand(x.shape[0]), cond)
+            if i == plan.exit_step:  # early exit: jump from sigma_i straight to the data
+                x = shortcut_to_data(x, v, sigmas[i])
+                break
             if i in plan.sde_steps:
                 step = sde_step(
                     x,
@@ -329,6 +332,33 @@ class GRPOModule(L.LightningModule):
         self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
         self._set_phase("idle")
 
+    # --- the early-exit protocol (lit_grpo.callbacks.EarlyExitSelector) -----------------------
+    @torch.no_grad()
+    def exit_step_variance(self, batch: dict, candidates: list[int]) -> Tensor:
+        """Mean within-group variance of the total reward when exiting at each candidate."""
+        self._set_phase("probing exit steps")
+        strategy, out = self.strategy, []
+        try:
+            for k in candidates:
+                self.strategy = EarlyExit(k)
+                rollout = self.rollout(batch)
+                total, _ = self.score(rollout.images, batch, self.hparams.group_size)
+                groups = total.view(-1, self.hparams.group_size)
+                groups = groups[torch.isfinite(groups).all(1)]
+                out.append(groups.var(1).mean() if groups.numel() else total.new_zeros(()))
+        finally:
+            self.strategy = strategy
+        return torch.stack(out)
+
+    def set_exit_step(self, step: int) -> None:
+        if not isinstance(self.strategy, EarlyExit):
+            raise TypeError(
+                f"set_exit_step needs strategy EarlyExit, this module samples with "
+                f"{type(self.strategy).__name__}; set model.init_args.strategy to "
+                "lit_grpo.sampling.strategies.EarlyExit"
+            )
+        self.strategy.exit_step = step
+
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
         bar = self.trainer.progress_bar_callback if self._trainer is not None else None
@@ -357,15 +387,12 @@ class GRPOModule(L.LightningModule):
             )
         self._grid = None
 
-    @torch.no_grad()
     def edit(self, source: Tensor, instructions: list[str], seed: int = 0) -> Tensor:
-        cond = self.policy.encode_condition(source, instructions)
-        like = self.policy.encode_images(source)
-        noise = torch.randn(like.shape, generator=torch.Generator().manual_seed(seed)).to(like)
-        x0 = sample_ode(
-            self.policy.velocity_fn(cond), noise, self.hparams.eval_steps, self.hparams.sample_shift
+        """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler)."""
+        gen = torch.Generator().manual_seed(seed)
+        return self.policy.edit(
+            source, instructions, self.hparams.eval_steps, self.hparams.sample_shift, gen
         )
-        return self.policy.decode(x0)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

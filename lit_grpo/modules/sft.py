@@ -20,7 +20,7 @@ from lit_grpo.modules.grids import edit_grid
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
 from lit_grpo.policies.weights import policy_checkpoint_entry
-from lit_grpo.sampling import add_noise, sample_ode, sample_sigmas, velocity_target
+from lit_grpo.sampling import add_noise, randn_like, sample_sigmas, velocity_target
 
 
 class SFTModule(L.LightningModule):
@@ -62,7 +62,7 @@ class SFTModule(L.LightningModule):
         source, target = batch["source"], batch["target"]
         cond = self.policy.encode_condition(source, batch["instruction"])
         x0 = self.policy.encode_images(target)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        noise = randn_like(x0, generator)
         if sigma is None:
             sigma = sample_sigmas(x0.shape[0], generator, self.hparams.sigma_sampling).to(x0)
         v = self.policy.velocity(add_noise(x0, noise, sigma), sigma, cond)
@@ -92,19 +92,12 @@ class SFTModule(L.LightningModule):
         log_image(self.trainer, "val/edits", grid, step=self.global_step)
         self._grid_batch = None
 
-    @torch.no_grad()
     def edit(self, source: Tensor, instructions: list[str], seed: int = 0) -> Tensor:
-        """ODE-sampled edits [N, 3, H, W] in [0, 1] (the evaluation sampler)."""
-        cond = self.policy.encode_condition(source, instructions)
-        like = self.policy.encode_images(source)
-        noise = torch.randn(like.shape, generator=torch.Generator().manual_seed(seed)).to(like)
-        x0 = sample_ode(
-            self.policy.velocity_fn(cond),
-            noise,
-            self.hparams.sample_steps,
-            self.hparams.sample_shift,
+        """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler)."""
+        gen = torch.Generator().manual_seed(seed)
+        return self.policy.edit(
+            source, instructions, self.hparams.sample_steps, self.hparams.sample_shift, gen
         )
-        return self.policy.decode(x0)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

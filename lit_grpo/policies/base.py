@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_grpo.policies.lora import LoraSettings, adapters_disabled, add_lora, has_lora
+from lit_grpo.sampling.flow import randn_like
+from lit_grpo.sampling.ode import sample_ode
 
 
 @dataclass
@@ -111,12 +113,16 @@ class EditPolicy(nn.Module, ABC):
         with adapters_disabled(self.denoiser):
             yield
 
-    def latent_noise(
-        self, latents_like: Tensor, generator: torch.Generator | None = None
+    @torch.no_grad()
+    def edit(
+        self,
+        source: Tensor,
+        instructions: Sequence[str],
+        steps: int = 10,
+        shift: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        return torch.randn(
-            latents_like.shape,
-            generator=generator,
-            device=latents_like.device,
-            dtype=latents_like.dtype,
-        )
+        """ODE-sampled edits [N, 3, H, W] in [0, 1]: the evaluation sampler of every stage."""
+        cond = self.encode_condition(source, instructions)
+        noise = randn_like(self.encode_images(source), generator)
+        return self.decode(sample_ode(self.velocity_fn(cond), noise, steps, shift))

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 
@@ -24,6 +25,11 @@ class LoraSettings:
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=list)
     dropout: float = 0.0
+
+
+# Stages keep their LoraSettings in the checkpoint's hyper-parameters; Lightning and lit_grpo
+# load checkpoints with weights_only=True, which refuses unknown classes.
+torch.serialization.add_safe_globals([LoraSettings])
 
 
 def add_lora(module: nn.Module, settings: LoraSettings, default_targets: list[str] | None = None):

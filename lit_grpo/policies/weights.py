@@ -92,9 +92,12 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for a corrupt file
+            raise IncompatibleWeightsError(f"could not read weights file {path}: {err}") from err
         config = json.loads(meta.get("config", "{}"))
         cls = meta.get("class")
     else:

@@ -53,5 +53,9 @@ class Reward(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def train(self, mode: bool = True) -> "Reward":
+        # Lightning switches every submodule to train mode at fit start; a judge stays in eval
+        return super().train(False)
+
     def forward(self, inputs: RewardInputs) -> RewardOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -3,6 +3,7 @@
 from lit_grpo.sampling.flow import (
     add_noise,
     ode_step,
+    randn_like,
     sample_sigmas,
     shortcut_to_data,
     sigma_schedule,
@@ -13,6 +14,7 @@ from lit_grpo.sampling.ode import sample_ode
 __all__ = [
     "add_noise",
     "ode_step",
+    "randn_like",
     "sample_ode",
     "sample_sigmas",
     "shortcut_to_data",

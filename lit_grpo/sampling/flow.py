@@ -77,3 +77,11 @@ __all__ = [
     "sigma_schedule",
     "velocity_target",
 ]
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (CPU generators
+    keep seeded runs identical across devices); without a generator, on x's own device."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lit_grpo.sampling.flow import randn_like
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -84,7 +86,7 @@ def sde_step(
     scale = std * torch.sqrt(-dt)  # the std of x_next
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+            noise = randn_like(x, generator)
         prev_sample = mean + scale * noise.float()
     sample = prev_sample.float()
     log_prob = (

@@ -1,0 +1,88 @@
+"""Early-exit step selection by within-group reward variance (Talk2Move), as a callback.
+
+Every `every_n_steps` training steps the callback asks the module to probe each candidate
+exit step k on the current batch: roll out groups with SDE noise on steps 0..k-1, jump to the
+end with the one-step ODE shortcut, score them, and report the mean within-group variance of
+the rewards. The exit step becomes the argmax (the most informative place to explore), and
+is broadcast from rank 0 so every rank trains with the same K.
+
+The protocol a LightningModule implements to use it (nothing else of the module is used):
+
+    def exit_step_variance(self, batch, candidates: list[int]) -> torch.Tensor:
+        '''Within-group reward variance for each candidate exit step, shape [len(candidates)].'''
+
+    def set_exit_step(self, step: int) -> None:
+        '''Train with SDE on steps 0..step-1 and the ODE shortcut from `step` on.'''
+
+Its history (every probe's variances and choice) and the current K live in `state_dict`, so a
+resumed run keeps them. It logs `early_exit/K` and `early_exit/var_k{k}` through
+`pl_module.log`, i.e. to whatever logger the trainer has.
+"""
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class EarlyExitSelector(Callback):
+    """Choose the early-exit step K = argmax_k Var_group(reward | exit at k), every N steps.
+
+    Args:
+        candidates: exit steps to probe (e.g. [2, 4, 6, 8] of a 10-step schedule).
+        every_n_steps: probe at global steps 0, N, 2N, ...
+    """
+
+    def __init__(self, candidates: list[int], every_n_steps: int = 50):
+        if not candidates or any(k < 1 for k in candidates):
+            raise ValueError(f"candidates must be exit steps >= 1, got {candidates}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.candidates = sorted(set(candidates))
+        self.every_n_steps = every_n_steps
+        self.exit_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _check(pl_module: LightningModule) -> None:
+        for name in ("exit_step_variance", "set_exit_step"):
+            if not callable(getattr(pl_module, name, None)):
+                raise TypeError(
+                    f"EarlyExitSelector needs {type(pl_module).__name__}.{name}(); see the "
+                    "protocol in lit_grpo/callbacks/early_exit.py"
+                )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(pl_module)
+        if self.exit_step is not None:  # resumed: train with the K chosen before the stop
+            pl_module.set_exit_step(self.exit_step)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or (self.history and self.history[-1]["step"] == step):
+            return
+        variances = pl_module.exit_step_variance(batch, self.candidates).detach().float()
+        variances = trainer.strategy.reduce(variances, reduce_op="mean")  # every rank's probe
+        choice = self.candidates[int(torch.argmax(variances))]
+        choice = trainer.strategy.broadcast(choice, src=0)
+        self.exit_step = int(choice)
+        pl_module.set_exit_step(self.exit_step)
+        values = [float(v) for v in variances.cpu()]
+        self.history.append({"step": step, "variances": values, "exit_step": self.exit_step})
+        pl_module.log("early_exit/K", float(self.exit_step), batch_size=1)
+        for k, v in zip(self.candidates, values):
+            pl_module.log(f"early_exit/var_k{k}", v, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "candidates": self.candidates,
+            "every_n_steps": self.every_n_steps,
+            "exit_step": self.exit_step,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.exit_step = state_dict["exit_step"]
+        self.history = list(state_dict["history"])

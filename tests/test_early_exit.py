@@ -1,0 +1,75 @@
+"""The early-exit callback on the GRPO stage: it probes, chooses argmax variance, resumes."""
+
+import lightning as L
+import pytest
+import torch
+
+from lit_grpo.callbacks import EarlyExitSelector
+from lit_grpo.datamodules import ShapeWorldDataModule
+from lit_grpo.sampling.strategies import EarlyExit
+
+
+def trainer(tmp_path, steps, callbacks):
+    return L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+
+
+def data():
+    return ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=8)
+
+
+def test_selector_chooses_argmax_and_resumes_with_same_k(tmp_path):
+    from test_grpo import make_module
+
+    module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
+    selector = EarlyExitSelector(candidates=[1, 3, 5], every_n_steps=2)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit = trainer(tmp_path, 3, [selector, ckpt])
+    fit.fit(module, data())
+    assert [h["step"] for h in selector.history] == [0, 2]
+    for h in selector.history:
+        best = max(range(3), key=lambda i: h["variances"][i])
+        assert h["exit_step"] == [1, 3, 5][best]
+    assert module.strategy.exit_step == selector.exit_step
+    assert "early_exit/K" in fit.callback_metrics and "early_exit/var_k3" in fit.callback_metrics
+
+    # resume in a fresh process state: the K and the history come back from the checkpoint
+    resumed_module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
+    resumed = EarlyExitSelector(candidates=[1, 3, 5], every_n_steps=100)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.strategy.exit_step)
+
+    trainer(tmp_path, 4, [resumed, Spy()]).fit(
+        resumed_module, data(), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert resumed.history == selector.history
+    assert seen == [selector.exit_step]  # step 3 trained with the K chosen before the stop
+
+
+def test_selector_refuses_a_module_without_the_protocol(tmp_path):
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)))
+    with pytest.raises(TypeError, match="exit_step_variance"):
+        trainer(tmp_path, 1, [EarlyExitSelector([1, 2])]).fit(Plain(), loader)
