@@ -186,3 +186,10 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
     ):
         assert key in metrics, key
     assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2
+
+
+def test_last_checkpoint_holds_the_final_step_when_stopped_between_validations(in_tmp):
+    args = ["--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=3"]
+    run_cli(["fit", *args])  # validation (and a save) at step 2, the stop at step 3
+    (last,) = (in_tmp / "runs").rglob("last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
