@@ -193,3 +193,30 @@ def test_last_checkpoint_holds_the_final_step_when_stopped_between_validations(i
     run_cli(["fit", *args])  # validation (and a save) at step 2, the stop at step 3
     (last,) = (in_tmp / "runs").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_mlflow_logger_honours_the_tracking_uri_env(in_tmp, monkeypatch):
+    from lit_grpo.loggers import MLflowLogger
+
+    uri = f"sqlite:///{in_tmp}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    logger = MLflowLogger(experiment_name="env-check")
+    assert logger._tracking_uri == uri
+    logger.log_metrics({"x": 1.0}, step=0)
+    assert (in_tmp / "elsewhere.db").exists() and not (in_tmp / "mlruns").exists()
+
+
+def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp):
+    run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=2"])
+    (last,) = (in_tmp / "runs").rglob("last.ckpt")
+    cli = run_cli(
+        [
+            "test",
+            "--config",
+            str(ROOT / "configs/sft.yaml"),
+            *TINY,
+            "--trainer.limit_test_batches=1",
+            f"--ckpt_path={last}",
+        ]
+    )
+    assert "test/loss" in cli.trainer.callback_metrics

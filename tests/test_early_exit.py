@@ -73,3 +73,19 @@ def test_selector_refuses_a_module_without_the_protocol(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)))
     with pytest.raises(TypeError, match="exit_step_variance"):
         trainer(tmp_path, 1, [EarlyExitSelector([1, 2])]).fit(Plain(), loader)
+
+
+def test_warmup_ema_forgets_the_initialisation():
+    from lit_grpo.callbacks.ema import warmup_ema
+
+    avg_fn = warmup_ema(0.995)
+    init, trained = torch.zeros(1), torch.ones(1)
+    avg = init
+    for n in range(1, 201):  # AveragedModel calls avg_fn with n = 1, 2, ... after its first copy
+        avg = avg_fn(avg, trained, torch.tensor(n))
+    # a constant 0.995 would still hold 0.995^200 = 37% of the initial weights
+    assert 1 - avg.item() < 0.03
+    with pytest.raises(ValueError):
+        from lit_grpo.callbacks import EMAWeightAveraging
+
+        EMAWeightAveraging(decay=1.0)

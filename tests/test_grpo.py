@@ -254,3 +254,27 @@ def test_two_gloo_processes_match_one_process():
     assert torch.allclose(ddp_values, values, atol=1e-6)
     assert torch.allclose(out[0][-1], loss, atol=1e-7) and torch.allclose(out[1][-1], loss)
     assert adv.zero_spread.tolist() == [False, True, False, False]
+
+
+def test_kl_to_the_reference_is_logged_and_grows_from_zero():
+    module = make_module(kl_beta=0.05)
+    trainer = fit(module, steps=2, batches=2)
+    # step 1 starts at the reference exactly (LoRA B = 0); after one update they differ
+    assert trainer.callback_metrics["train/kl"].item() > 0
+
+
+def test_test_and_predict_loops(tmp_path):
+    module = make_module()
+    trainer = L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1,
+        limit_predict_batches=1,
+        default_root_dir=tmp_path,
+    )
+    data = ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], test_size=2)
+    (metrics,) = trainer.test(module, data, verbose=False)
+    assert "test/reward" in metrics and "test/translation" in metrics
+    (edits,) = trainer.predict(module, data)
+    assert edits.shape == (2, 3, 16, 16)

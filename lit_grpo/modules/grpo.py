@@ -366,13 +366,24 @@ class GRPOModule(L.LightningModule):
             bar.set_phase(phase)
 
     # --- validation: ODE edits, the same rewards, a grid --------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
+        """ODE edits scored by the training rewards; logs `{stage}/reward` and every part."""
         edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
         total, parts = self.score(edits, batch, 1)
         n = batch["source"].shape[0]
-        self.log("val/reward", _nanmean(total), batch_size=n, sync_dist=True, prog_bar=True)
+        self.log(f"{stage}/reward", _nanmean(total), batch_size=n, sync_dist=True, prog_bar=True)
         for key, value in parts.items():
-            self.log(f"val/{key}", _nanmean(value), batch_size=n, sync_dist=True)
+            self.log(f"{stage}/{key}", _nanmean(value), batch_size=n, sync_dist=True)
+        return edits
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        edits = self._evaluate(batch, batch_idx, "val")
         if batch_idx == 0:
             k = self.hparams.grid_size
             self._grid = {"source": batch["source"][:k], "edits": edits[:k]}

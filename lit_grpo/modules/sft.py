@@ -73,12 +73,16 @@ class SFTModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _fixed_noise_loss(self, batch: dict, batch_idx: int) -> Tensor:
         n = batch["source"].shape[0]
         # Fixed noise and evenly spread sigmas: the number moves only when the model does.
         gen = torch.Generator().manual_seed(1234 + batch_idx)
         sigma = ((torch.arange(n) + 0.5) / n).to(self.device)
-        loss = self.flow_matching_loss(batch, gen, sigma)
+        return self.flow_matching_loss(batch, gen, sigma)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        n = batch["source"].shape[0]
+        loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if batch_idx == 0:
             self._grid_batch = {k: v[: self.hparams.grid_size] for k, v in batch.items()}
@@ -91,6 +95,14 @@ class SFTModule(L.LightningModule):
         grid = edit_grid(b["source"], b["target"], edits)
         log_image(self.trainer, "val/edits", grid, step=self.global_step)
         self._grid_batch = None
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self._fixed_noise_loss(batch, batch_idx)
+        self.log("test/loss", loss, batch_size=batch["source"].shape[0], sync_dist=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """ODE edits [N, 3, H, W] in [0, 1] of the batch's sources and instructions."""
+        return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
 
     def edit(self, source: Tensor, instructions: list[str], seed: int = 0) -> Tensor:
         """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler)."""
