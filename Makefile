@@ -8,7 +8,7 @@ CONFIG ?= configs/sft.yaml
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-slow lint
+.PHONY: setup train test lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +24,6 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lit_grpo tests benchmarks

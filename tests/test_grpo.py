@@ -278,3 +278,78 @@ def test_test_and_predict_loops(tmp_path):
     assert "test/reward" in metrics and "test/translation" in metrics
     (edits,) = trainer.predict(module, data)
     assert edits.shape == (2, 3, 16, 16)
+
+
+class IndexReward(Reward):
+    """A reward fixed by (condition index, place in the group): independent of the rollout
+    noise, so one process and two DDP ranks must normalise exactly the same numbers. The
+    condition with index 0 gets a constant (zero-spread) group."""
+
+    name = "index"
+
+    def forward(self, inputs):
+        index = torch.as_tensor(inputs.batch["index"]).float()
+        place = torch.arange(index.numel()).float() % 4
+        return RewardOutput(
+            torch.where(index == 0, torch.ones_like(index), torch.sin(7 * index + 3 * place))
+        )
+
+
+class SaveMetrics(L.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        keys = (
+            "train/loss",
+            "adv/std",
+            "adv/abs_max",
+            "groups/zero_spread_fraction",
+            "reward/total",
+        )
+        out = {k: float(trainer.callback_metrics[k]) for k in keys}
+        torch.save(out, f"{self.path}.rank{trainer.global_rank}")
+
+
+def _grpo_metrics(tmp_path, devices, batch_size):
+    module = make_module([IndexReward()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[SaveMetrics(tmp_path / f"d{devices}")],
+    )
+    data = ShapeWorldDataModule(
+        resolution=16,
+        batch_size=batch_size,
+        tasks=["translate"],
+        train_size=4,
+        val_size=2,
+        shuffle=False,
+    )
+    trainer.fit(module, data)
+    return [torch.load(p) for p in sorted(tmp_path.glob(f"d{devices}.rank*"))]
+
+
+def test_grpo_module_under_ddp_spawn_matches_one_process(tmp_path):
+    """Lightning's DDP (2 gloo ranks, 2 conditions each) vs 1 process with all 4 conditions."""
+    (single,) = _grpo_metrics(tmp_path, devices=1, batch_size=4)
+    ranks = _grpo_metrics(tmp_path, devices=2, batch_size=2)
+    assert len(ranks) == 2
+    for key in ("adv/std", "adv/abs_max", "groups/zero_spread_fraction"):  # gathered statistics
+        assert ranks[0][key] == pytest.approx(single[key], abs=1e-6)
+        assert ranks[1][key] == pytest.approx(single[key], abs=1e-6)
+    assert single["groups/zero_spread_fraction"] == 0.25  # condition 0 is skipped everywhere
+    # DDP averages the ranks' gradients: the effective loss is the mean of the rank losses
+    ddp_loss = (ranks[0]["train/loss"] + ranks[1]["train/loss"]) / 2
+    assert ddp_loss == pytest.approx(single["train/loss"], abs=1e-6)
+    assert ranks[0]["train/loss"] != pytest.approx(
+        ranks[1]["train/loss"]
+    )  # ranks saw different data

@@ -21,6 +21,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
         move_fraction: translation distance as a fraction of the image side.
         seed: base seed of every split.
         num_workers: DataLoader workers (0 renders in the training process).
+        shuffle: shuffle the training split (off: a fixed order, e.g. for comparisons).
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
         move_fraction: float = 0.25,
         seed: int = 0,
         num_workers: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -57,7 +59,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

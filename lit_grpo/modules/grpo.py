@@ -40,8 +40,6 @@ from lit_grpo.sampling import ode_step, randn_like, shortcut_to_data, sigma_sche
 from lit_grpo.sampling.sde import sde_step
 from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory, SamplingStrategy
 
-CONDITION_KEYS = ("task", "object", "direction", "angle", "factor", "instruction")
-
 
 class GRPOModule(L.LightningModule):
     """Flow-GRPO post-training of an `EditPolicy` against weighted rewards.
@@ -162,7 +160,7 @@ class GRPOModule(L.LightningModule):
     @torch.no_grad()
     def score(self, images: Tensor, batch: dict, repeats: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted total reward [N] and every reward's and sub-score's values (for logging)."""
-        rows = {k: _repeat(batch[k], repeats) for k in CONDITION_KEYS if k in batch}
+        rows = {k: _repeat(v, repeats) for k, v in batch.items()}  # one row per rollout
         source = batch["source"].repeat_interleave(repeats, 0)
         before = self.segmenter(batch["source"], batch["object"])
         inputs = RewardInputs(
