@@ -38,7 +38,12 @@ from lit_grpo.rewards.base import Reward, RewardInputs
 from lit_grpo.rewards.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.sampling import ode_step, randn_like, shortcut_to_data, sigma_schedule
 from lit_grpo.sampling.sde import sde_step
-from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory, SamplingStrategy
+from lit_grpo.sampling.strategies import (
+    EarlyExit,
+    FullTrajectory,
+    SamplingPlan,
+    SamplingStrategy,
+)
 
 
 class GRPOModule(L.LightningModule):
@@ -113,14 +118,20 @@ class GRPOModule(L.LightningModule):
 
     # --- 1-2: rollouts -------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, batch: dict, generator: torch.Generator | None = None) -> Rollout:
+    def rollout(
+        self,
+        batch: dict,
+        generator: torch.Generator | None = None,
+        plan: SamplingPlan | None = None,
+    ) -> Rollout:
+        """G rollouts per condition following `plan` (the strategy's plan by default)."""
         g = self.hparams.group_size
         cond = self.policy.encode_condition(batch["source"], batch["instruction"])
         cond = cond.repeat_interleave(g)
         like = self.policy.encode_images(batch["source"]).repeat_interleave(g, 0)
         x = randn_like(like, generator)
         sigmas = sigma_schedule(self.hparams.sample_steps, self.hparams.sample_shift, self.device)
-        plan = self.strategy.plan(self.hparams.sample_steps, self.global_step)
+        plan = plan or self.strategy.plan(self.hparams.sample_steps, self.global_step)
         states, nexts, logps = [], [], []
         for i in range(self.hparams.sample_steps):
             v = self.policy.velocity(x, sigmas[i].expand(x.shape[0]), cond)
@@ -167,7 +178,7 @@ class GRPOModule(L.LightningModule):
             images=images,
             source=source,
             batch=rows,
-            before=_repeat_detections(before, repeats),
+            before=before.repeat_interleave(repeats),
             after=self.segmenter(images, rows["object"]),
         )
         total = torch.zeros(images.shape[0], device=images.device)
@@ -335,17 +346,13 @@ class GRPOModule(L.LightningModule):
     def exit_step_variance(self, batch: dict, candidates: list[int]) -> Tensor:
         """Mean within-group variance of the total reward when exiting at each candidate."""
         self._set_phase("probing exit steps")
-        strategy, out = self.strategy, []
-        try:
-            for k in candidates:
-                self.strategy = EarlyExit(k)
-                rollout = self.rollout(batch)
-                total, _ = self.score(rollout.images, batch, self.hparams.group_size)
-                groups = total.view(-1, self.hparams.group_size)
-                groups = groups[torch.isfinite(groups).all(1)]
-                out.append(groups.var(1).mean() if groups.numel() else total.new_zeros(()))
-        finally:
-            self.strategy = strategy
+        out = []
+        for k in candidates:
+            rollout = self.rollout(batch, plan=EarlyExit(k).plan(self.hparams.sample_steps))
+            total, _ = self.score(rollout.images, batch, self.hparams.group_size)
+            groups = total.view(-1, self.hparams.group_size)
+            groups = groups[torch.isfinite(groups).all(1)]
+            out.append(groups.var(1).mean() if groups.numel() else total.new_zeros(()))
         return torch.stack(out)
 
     def set_exit_step(self, step: int) -> None:
@@ -420,14 +427,6 @@ def _repeat(value, repeats: int):
     if isinstance(value, Tensor):
         return value.repeat_interleave(repeats, 0)
     return [v for v in value for _ in range(repeats)]
-
-
-def _repeat_detections(det, repeats: int):
-    from dataclasses import fields, replace
-
-    return replace(
-        det, **{f.name: getattr(det, f.name).repeat_interleave(repeats, 0) for f in fields(det)}
-    )
 
 
 def _nanmean(x: Tensor) -> float:

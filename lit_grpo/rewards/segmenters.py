@@ -46,6 +46,12 @@ class Detections:
     def to(self, device: torch.device | str) -> Detections:
         return Detections(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def repeat_interleave(self, repeats: int) -> Detections:
+        """Each row `repeats` times in a row (one source's detection per rollout of its group)."""
+        return Detections(
+            **{f.name: getattr(self, f.name).repeat_interleave(repeats, 0) for f in fields(self)}
+        )
+
 
 @runtime_checkable
 class Segmenter(Protocol):
