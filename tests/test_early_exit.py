@@ -10,15 +10,13 @@ from lit_grpo.sampling.strategies import EarlyExit
 
 
 def trainer(tmp_path, steps, callbacks):
-    return L.Trainer(
+    from test_grpo import quiet_trainer
+
+    return quiet_trainer(
         max_steps=steps,
         max_epochs=-1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         default_root_dir=tmp_path,
+        enable_checkpointing=True,
         callbacks=callbacks,
     )
 

@@ -64,11 +64,9 @@ def make_batch(n=2, tasks=("translate",)):
     return torch.utils.data.default_collate([data[i] for i in range(n)])
 
 
-def fit(module, steps=2, batches=2):
-    trainer = L.Trainer(
-        max_steps=steps,
-        limit_train_batches=batches,
-        max_epochs=1,
+def quiet_trainer(**overrides):
+    """A Trainer for tests: no logger, bar, summary, sanity check or validation."""
+    kwargs = dict(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -76,6 +74,11 @@ def fit(module, steps=2, batches=2):
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+    return L.Trainer(**{**kwargs, **overrides})
+
+
+def fit(module, steps=2, batches=2):
+    trainer = quiet_trainer(max_steps=steps, limit_train_batches=batches, max_epochs=1)
     data = ShapeWorldDataModule(
         resolution=16, batch_size=2, tasks=["translate"], train_size=2 * batches, val_size=2
     )
@@ -265,13 +268,8 @@ def test_kl_to_the_reference_is_logged_and_grows_from_zero():
 
 def test_test_and_predict_loops(tmp_path):
     module = make_module()
-    trainer = L.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_test_batches=1,
-        limit_predict_batches=1,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        limit_test_batches=1, limit_predict_batches=1, default_root_dir=tmp_path
     )
     data = ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], test_size=2)
     (metrics,) = trainer.test(module, data, verbose=False)
@@ -313,17 +311,11 @@ class SaveMetrics(L.Callback):
 
 def _grpo_metrics(tmp_path, devices, batch_size):
     module = make_module([IndexReward()])
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[SaveMetrics(tmp_path / f"d{devices}")],
     )
     data = ShapeWorldDataModule(
