@@ -186,6 +186,10 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
     ):
         assert key in metrics, key
     assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2
+    # the config's RolloutImageLogger and LoraExporter: a rollout grid, an adapter per save
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("rollouts" in p for p in images), images
+    assert list((in_tmp / "runs").rglob("lora/lora-step=*.safetensors"))
 
 
 def test_last_checkpoint_holds_the_final_step_when_stopped_between_validations(in_tmp):

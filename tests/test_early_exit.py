@@ -1,6 +1,7 @@
 """The early-exit callback on the GRPO stage: it probes, chooses argmax variance, resumes."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,49 @@ def test_warmup_ema_forgets_the_initialisation():
         from lit_grpo.callbacks import EMAWeightAveraging
 
         EMAWeightAveraging(decay=1.0)
+
+
+def test_variance_profile_is_logged_as_an_image(tmp_path):
+    class Peaked(L.LightningModule):
+        """Variance peaks at exit step 2; nothing else happens."""
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.exit_step = None
+
+        def exit_step_variance(self, batch, candidates):
+            return torch.tensor([1.0 / (1 + abs(k - 2)) for k in candidates])
+
+        def set_exit_step(self, step):
+            self.exit_step = step
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+    from PIL import Image
+
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)))
+    model = Peaked()
+    L.Trainer(
+        max_steps=3,
+        logger=logger,
+        callbacks=[EarlyExitSelector([1, 2, 3], every_n_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(model, loader)
+    assert model.exit_step == 2
+    pngs = sorted((tmp_path / "lightning_logs").rglob("early_exit_variance_*.png"))
+    assert [p.name for p in pngs] == [
+        "early_exit_variance_000000.png",
+        "early_exit_variance_000002.png",
+    ]
+    image = np.asarray(Image.open(pngs[-1]).convert("RGB")).astype(int)
+    assert image.shape == (320, 500, 3)
+    red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
+    assert red.sum() > 20  # the chosen-K markers

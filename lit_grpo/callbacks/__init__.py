@@ -3,6 +3,15 @@
 from lit_grpo.callbacks.checkpoint import ModelCheckpoint
 from lit_grpo.callbacks.early_exit import EarlyExitSelector
 from lit_grpo.callbacks.ema import EMAWeightAveraging
+from lit_grpo.callbacks.lora_export import LoraExporter
 from lit_grpo.callbacks.progress import PhaseProgressBar
+from lit_grpo.callbacks.rollout_images import RolloutImageLogger
 
-__all__ = ["EMAWeightAveraging", "EarlyExitSelector", "ModelCheckpoint", "PhaseProgressBar"]
+__all__ = [
+    "EMAWeightAveraging",
+    "EarlyExitSelector",
+    "LoraExporter",
+    "ModelCheckpoint",
+    "PhaseProgressBar",
+    "RolloutImageLogger",
+]

@@ -16,7 +16,8 @@ The protocol a LightningModule implements to use it (nothing else of the module 
 
 Its history (every probe's variances and choice) and the current K live in `state_dict`, so a
 resumed run keeps them. It logs `early_exit/K` and `early_exit/var_k{k}` through
-`pl_module.log`, i.e. to whatever logger the trainer has.
+`pl_module.log`, i.e. to whatever logger the trainer has, and (with `plot=True`) an image
+`early_exit_variance`: the variance profile of every probe so far, the chosen K marked.
 """
 
 from typing import Any
@@ -31,15 +32,17 @@ class EarlyExitSelector(Callback):
     Args:
         candidates: exit steps to probe (e.g. [2, 4, 6, 8] of a 10-step schedule).
         every_n_steps: probe at global steps 0, N, 2N, ...
+        plot: also log the variance profiles as an image (matplotlib) at every probe.
     """
 
-    def __init__(self, candidates: list[int], every_n_steps: int = 50):
+    def __init__(self, candidates: list[int], every_n_steps: int = 50, plot: bool = True):
         if not candidates or any(k < 1 for k in candidates):
             raise ValueError(f"candidates must be exit steps >= 1, got {candidates}")
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.candidates = sorted(set(candidates))
         self.every_n_steps = every_n_steps
+        self.plot = plot
         self.exit_step: int | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -70,10 +73,21 @@ class EarlyExitSelector(Callback):
         self.exit_step = int(choice)
         pl_module.set_exit_step(self.exit_step)
         values = [float(v) for v in variances.cpu()]
-        self.history.append({"step": step, "variances": values, "exit_step": self.exit_step})
+        self.history.append(
+            {
+                "step": step,
+                "candidates": list(self.candidates),
+                "variances": values,
+                "exit_step": self.exit_step,
+            }
+        )
         pl_module.log("early_exit/K", float(self.exit_step), batch_size=1)
         for k, v in zip(self.candidates, values):
             pl_module.log(f"early_exit/var_k{k}", v, batch_size=1)
+        if self.plot and trainer.is_global_zero and trainer.loggers:
+            from lit_grpo.loggers import log_image
+
+            log_image(trainer, "early_exit_variance", variance_plot(self.history), step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -86,3 +100,32 @@ class EarlyExitSelector(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.exit_step = state_dict["exit_step"]
         self.history = list(state_dict["history"])
+
+
+def variance_plot(history: list[dict[str, Any]]):
+    """uint8 [H, W, 3]: within-group reward variance against the candidate exit step, one
+    line per probe (later probes darker), the chosen K of each probe marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    candidates = history[-1].get("candidates")
+    for i, h in enumerate(history):
+        ks = h.get("candidates") or candidates or list(range(1, len(h["variances"]) + 1))
+        shade = 0.8 - 0.7 * (i + 1) / len(history)
+        ax.plot(ks, h["variances"], "-o", color=(shade, shade, 1.0), label=f"step {h['step']}")
+        j = ks.index(h["exit_step"])
+        ax.plot([h["exit_step"]], [h["variances"][j]], "*", color="red", markersize=12)
+    ax.set_xlabel("exit step K")
+    ax.set_ylabel("within-group reward variance")
+    ax.set_title(f"early exit: K = {history[-1]['exit_step']} (red: chosen)")
+    if len(history) <= 8:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image

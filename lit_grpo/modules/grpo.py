@@ -292,7 +292,7 @@ class GRPOModule(L.LightningModule):
         return torch.stack(grads).norm().item() if grads else 0.0
 
     # --- the loop -------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         n_cond = batch["source"].shape[0]
         timings = {}
         self._set_phase("sampling")
@@ -340,6 +340,20 @@ class GRPOModule(L.LightningModule):
         self.log_dict(log, batch_size=n_cond)
         self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
         self._set_phase("idle")
+        # for callbacks (lit_grpo.callbacks.RolloutImageLogger); Lightning detaches nothing here
+        return {
+            "rollout": {
+                "source": batch["source"],
+                "edits": rollout.images,
+                "rewards": total,
+                "instruction": list(batch["instruction"]),
+            }
+        }
+
+    @property
+    def lora_module(self) -> torch.nn.Module | None:
+        """The module carrying the LoRA adapter (lit_grpo.callbacks.LoraExporter's protocol)."""
+        return self.policy.denoiser if self.hparams.lora is not None else None
 
     # --- the early-exit protocol (lit_grpo.callbacks.EarlyExitSelector) -----------------------
     @torch.no_grad()

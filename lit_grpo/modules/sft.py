@@ -68,6 +68,11 @@ class SFTModule(L.LightningModule):
         v = self.policy.velocity(add_noise(x0, noise, sigma), sigma, cond)
         return F.mse_loss(v.float(), velocity_target(x0, noise).float())
 
+    @property
+    def lora_module(self) -> torch.nn.Module | None:
+        """The module carrying the LoRA adapter (lit_grpo.callbacks.LoraExporter's protocol)."""
+        return self.policy.denoiser if self.hparams.lora is not None else None
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.flow_matching_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])

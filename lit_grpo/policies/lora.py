@@ -103,3 +103,28 @@ def merged_state_dict(module: nn.Module) -> dict:
     finally:
         for layer in layers:
             layer.unmerge()
+
+
+def load_lora(module: nn.Module, path: str) -> LoraSettings:
+    """Load an adapter written by `lit_grpo.callbacks.LoraExporter` into `module` (the same
+    module it was trained on, e.g. `policy.denoiser`); adds the adapter first if needed."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "lit_grpo.lora" not in meta:
+        raise ValueError(f"{path} has no 'lit_grpo.lora' metadata: not a LoraExporter file")
+    settings = LoraSettings(**json.loads(meta["lit_grpo.lora"]))
+    if not has_lora(module):
+        add_lora(module, settings)
+    result = set_peft_model_state_dict(module, load_file(path))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(
+            f"{path} does not fit {type(module).__name__}: unexpected keys {unexpected[:4]}"
+        )
+    return settings

@@ -1,0 +1,102 @@
+"""Write the LoRA adapter as a small .safetensors file every time a checkpoint is saved.
+
+A full checkpoint carries the frozen base model and the optimiser state; the adapter alone is
+what users share, merge, or load into another pipeline. The file uses peft's own key layout
+(`blocks.0.attn.to_q.lora_A.weight`: the adapter name dropped, as
+`peft.get_peft_model_state_dict` writes it), so `peft.set_peft_model_state_dict` (or
+`lit_grpo.policies.lora.load_lora`) restores it into the same model with the same adapter
+settings, which the file's metadata records.
+
+The protocol (optional): a LightningModule may expose `lora_module`, the sub-module that
+carries the peft adapter (lit_grpo stages: the policy's denoiser); keys are then relative to
+it. Without it, every `lora_` tensor of the module is exported under its full name. The
+tensors are read from the checkpoint being saved (not the live module), so what is exported
+is exactly what the checkpoint holds.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class LoraExporter(Callback):
+    """At each checkpoint save, write `<dirpath>/lora-step=<global step>.safetensors`.
+
+    Args:
+        dirpath: where to write; default `lora/` beside the checkpoint callback's files
+            (or under the trainer's `default_root_dir` without one).
+        half: store float16 (half the size).
+    """
+
+    def __init__(self, dirpath: str | None = None, half: bool = False):
+        self.dirpath = dirpath
+        self.half = half
+        self.exported: list[str] = []
+
+    def _dir(self, trainer: Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "dirpath", None):
+            return Path(ckpt.dirpath) / "lora"
+        return Path(trainer.default_root_dir) / "lora"
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # every rank builds the checkpoint; one writes (as Lightning's own save does)
+        path = self._dir(trainer) / f"lora-step={trainer.global_step:06d}.safetensors"
+        if not trainer.is_global_zero or str(path) in self.exported:
+            return  # a "last" and a "best" checkpoint of the same step share one export
+        tensors, metadata = lora_tensors(pl_module, checkpoint["state_dict"])
+        if not tensors:
+            raise ValueError(
+                f"LoraExporter: {type(pl_module).__name__} has no LoRA parameters "
+                "(no 'lora_' tensors in its state dict); train with a LoRA adapter or drop "
+                "the callback"
+            )
+        if self.half:
+            tensors = {k: v.half() for k, v in tensors.items()}
+        metadata["global_step"] = str(trainer.global_step)
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+        self.exported.append(str(path))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exported": self.exported}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.exported = list(state_dict.get("exported", []))
+
+
+def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, dict[str, str]]:
+    """(adapter tensors in peft's key layout, safetensors metadata with the adapter config)."""
+    target = getattr(pl_module, "lora_module", None)
+    prefix = ""
+    if target is not None:
+        prefix = next((f"{n}." for n, m in pl_module.named_modules() if m is target), "")
+    tensors = {}
+    for key, value in state_dict.items():
+        if "lora_" not in key or not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        for adapter in ("lora_A", "lora_B"):  # peft: drop the adapter name ("default")
+            name = name.replace(f".{adapter}.default.", f".{adapter}.")
+        tensors[name] = value.detach().cpu().contiguous()
+    metadata = {"format": "pt", "lit_grpo.lora_prefix": prefix}
+    config = getattr(target if target is not None else pl_module, "peft_config", None)
+    if isinstance(config, dict) and "default" in config:
+        c = config["default"]
+        metadata["lit_grpo.lora"] = json.dumps(
+            {
+                "rank": c.r,
+                "alpha": c.lora_alpha,
+                "target_modules": sorted(c.target_modules),
+                "dropout": c.lora_dropout,
+            }
+        )
+    return tensors, metadata
