@@ -16,6 +16,8 @@ LIGHTNING_COMMANDS = {
 # name -> (module under lit_grpo.commands, help line); imported only when run
 OTHER_COMMANDS = {
     "export": ("export", "write the policy of a lit_grpo checkpoint as a .safetensors file"),
+    "compare": ("compare", "MLflow runs side by side (differing params, metrics) and a PNG"),
+    "edit": ("edit", "edit one image with a checkpoint or built-in weights"),
 }
 
 HELP = """usage: python -m lit_grpo <command> [--config FILE.yaml] [options]
@@ -31,6 +33,8 @@ examples:
   python -m lit_grpo fit --config configs/sft.yaml --print_config
   python -m lit_grpo fit --help          (every option of a command)
   python -m lit_grpo export runs/1/<run id>/checkpoints/last.ckpt editor.safetensors
+  python -m lit_grpo compare             (the runs of the latest experiment, and their curves)
+  python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
 
 Runs are tracked in MLflow: a sqlite store under ./mlruns unless MLFLOW_TRACKING_URI is set
 (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` to browse); checkpoints go to

@@ -64,6 +64,13 @@ class LitGRPOCLI(LightningCLI):
             init = logger.get("init_args") or {}
             if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
                 ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+            # a config's progress bar (PhaseProgressBar) would make Lightning refuse the flag
+            config.trainer.callbacks = [
+                c
+                for c in config.trainer.callbacks
+                if not str(getattr(c, "class_path", "")).endswith("ProgressBar")
+            ]
         for weights in _values_of(config.get("model"), "weights"):
             resolve_weights_path(weights)  # names a missing file before anything is built
         ckpt = config.get("ckpt_path")

@@ -88,3 +88,16 @@ def _log_one(logger: Logger, key: str, array: np.ndarray, step: int) -> None:
         path = Path(logger.log_dir) / "images" / f"{key.replace('/', '_')}_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(array).save(path)
+
+
+def log_text(trainer, name: str, text: str) -> None:
+    """Store `text` as a file artifact `name` with every logger of the trainer that can."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_text(logger.run_id, text, name)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(name, f"```\n{text}\n```", trainer.global_step)
+        elif getattr(logger, "log_dir", None):
+            path = Path(logger.log_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")

@@ -147,6 +147,7 @@ def test_top_level_help_lists_commands_without_lightning():
 
 
 GRPO_TINY = [
+    "--trainer.enable_progress_bar=false",  # the config's PhaseProgressBar is then dropped
     "--trainer.max_steps=2",
     "--trainer.val_check_interval=2",
     "--trainer.limit_val_batches=1",
@@ -183,6 +184,9 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
         "time/rewards",
         "time/update",
         "val/reward",
+        "val/translate/accuracy",
+        "val/translate/distance",
+        "val/translate/background_l1",
     ):
         assert key in metrics, key
     assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from lit_grpo.loggers import log_image
+from lit_grpo.metrics import EditMetrics
+from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
 from lit_grpo.modules.grids import edit_grid
 from lit_grpo.modules.objectives import (
     clipped_policy_loss,
@@ -67,6 +69,8 @@ class GRPOModule(L.LightningModule):
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warm-up, clipping.
         eval_steps: ODE steps for validation edits.
         grid_size: validation edits in the logged image grid.
+        metrics: Talk2Move's edit metrics for validation and test (`EditMetrics()`, the
+            spatial ones and background L1, by default; add LPIPS / CLIP there).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: float = 1.0,
         eval_steps: int = 10,
         grid_size: int = 4,
+        metrics: EditMetrics | None = None,
     ):
         super().__init__()
         if not rewards:
@@ -102,7 +107,7 @@ class GRPOModule(L.LightningModule):
             raise ValueError(
                 "kl_beta > 0 needs a LoRA adapter: the reference is the adapter-off view"
             )
-        self.save_hyperparameters(ignore=["policy", "rewards", "segmenter", "strategy"])
+        self.save_hyperparameters(ignore=["policy", "rewards", "segmenter", "strategy", "metrics"])
         self.automatic_optimization = False
         self.policy = policy
         policy.requires_grad_(False)
@@ -113,6 +118,7 @@ class GRPOModule(L.LightningModule):
         self.rewards = torch.nn.ModuleList(rewards)
         self.segmenter = segmenter or ColourSegmenter()
         self.strategy = strategy or FullTrajectory()
+        self.edit_metrics = metrics or EditMetrics()
         self.phase = "idle"
         self._grid: dict | None = None
 
@@ -386,8 +392,10 @@ class GRPOModule(L.LightningModule):
 
     # --- validation: ODE edits, the same rewards, a grid --------------------------------------
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
-        """ODE edits scored by the training rewards; logs `{stage}/reward` and every part."""
+        """ODE edits scored by the training rewards (logs `{stage}/reward` and every part)
+        and by the edit metrics (logged at the end of the epoch)."""
         edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        update_edit_metrics(self, batch, edits)
         total, parts = self.score(edits, batch, 1)
         n = batch["source"].shape[0]
         self.log(f"{stage}/reward", _nanmean(total), batch_size=n, sync_dist=True, prog_bar=True)
@@ -397,6 +405,9 @@ class GRPOModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        report_edit_metrics(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
@@ -408,6 +419,7 @@ class GRPOModule(L.LightningModule):
             self._grid = {"source": batch["source"][:k], "edits": edits[:k]}
 
     def on_validation_epoch_end(self) -> None:
+        report_edit_metrics(self, "val")
         if self._grid is not None and not self.trainer.sanity_checking:
             log_image(
                 self.trainer,

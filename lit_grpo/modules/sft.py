@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_grpo.loggers import log_image
+from lit_grpo.metrics import EditMetrics
+from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
 from lit_grpo.modules.grids import edit_grid
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
 from lit_grpo.policies.weights import policy_checkpoint_entry
+from lit_grpo.rewards.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.sampling import add_noise, randn_like, sample_sigmas, velocity_target
 
 
@@ -34,6 +37,9 @@ class SFTModule(L.LightningModule):
         sigma_sampling: "logit_normal" (SD3) or "uniform" training noise levels.
         sample_steps, sample_shift: the ODE sampler used for the validation grid.
         grid_size: how many validation edits the image grid shows.
+        segmenter: finds the instructed object for the edit metrics (ShapeWorld colours).
+        metrics: Talk2Move's edit metrics of the ODE edits of validation and test
+            (`EditMetrics()` by default).
     """
 
     def __init__(
@@ -47,14 +53,18 @@ class SFTModule(L.LightningModule):
         sample_steps: int = 10,
         sample_shift: float = 1.0,
         grid_size: int = 8,
+        segmenter: Segmenter | None = None,
+        metrics: EditMetrics | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "segmenter", "metrics"])
         self.policy = policy
         if lora is not None:
             policy.add_lora(lora)
         sample_sigmas(1, kind=sigma_sampling)  # an unknown kind fails at construction
         self._grid_batch: dict | None = None
+        self.segmenter = segmenter or ColourSegmenter()
+        self.edit_metrics = metrics or EditMetrics()
 
     def flow_matching_loss(
         self, batch: dict, generator: torch.Generator | None = None, sigma: Tensor | None = None
@@ -89,21 +99,32 @@ class SFTModule(L.LightningModule):
         n = batch["source"].shape[0]
         loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        update_edit_metrics(self, batch, edits)
         if batch_idx == 0:
-            self._grid_batch = {k: v[: self.hparams.grid_size] for k, v in batch.items()}
+            k = self.hparams.grid_size
+            self._grid_batch = {"source": batch["source"][:k], "target": batch["target"][:k]}
+            self._grid_batch["edits"] = edits[:k]
 
     def on_validation_epoch_end(self) -> None:
+        report_edit_metrics(self, "val")
         if self._grid_batch is None or self.trainer.sanity_checking:
             return
         b = self._grid_batch
-        edits = self.edit(b["source"], b["instruction"], seed=0)
-        grid = edit_grid(b["source"], b["target"], edits)
+        grid = edit_grid(b["source"], b["target"], b["edits"])
         log_image(self.trainer, "val/edits", grid, step=self.global_step)
         self._grid_batch = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("test/loss", loss, batch_size=batch["source"].shape[0], sync_dist=True)
+        edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        update_edit_metrics(self, batch, edits)
+
+    def on_test_epoch_end(self) -> None:
+        report_edit_metrics(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         """ODE edits [N, 3, H, W] in [0, 1] of the batch's sources and instructions."""

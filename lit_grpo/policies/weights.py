@@ -74,13 +74,16 @@ def policy_checkpoint_entry(
     }
 
 
-def save_policy_weights(policy: nn.Module, path: str | Path) -> Path:
+def save_policy_weights(policy: nn.Module, path: str | Path, resolution: int | None = None) -> Path:
+    """`resolution`: the image side the policy was trained at, recorded for `edit`."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in policy_state(policy).items()}
     meta = {"class": type(policy).__name__, "config": json.dumps(getattr(policy, "config", {}))}
+    if resolution is not None:
+        meta["resolution"] = str(resolution)
     save_file(state, str(path), metadata=meta)
     return path
 

@@ -1,0 +1,230 @@
+"""`python -m lit_grpo edit`: one edit of one image, with any policy `load_policy` can build.
+
+The image is edited at the resolution the policy was trained at when the checkpoint says so
+(a lit_grpo .ckpt records its data module's `resolution`; a weights file or policy may carry
+a `resolution` too), else at the input's own size; `--size` overrides both. The input is
+resized to that size when it differs, and the output keeps it: we show what the model made
+rather than resample it back to the input's size.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir
+
+HELP = "edit one image with a lit_grpo checkpoint, a weights file or built-in weights"
+
+EPILOG = """\
+size:
+  --size if given, else the resolution the checkpoint was trained at (a lit_grpo .ckpt
+  records it), else the input's size. The output has that size too. The built-in
+  shapeworld-sft editor was trained on 32x32 px ShapeWorld scenes: give larger images
+  --size 32 (it runs at any multiple of 4 px, but attention cost grows with the 4th power
+  of the side).
+
+examples:
+  python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
+  python -m lit_grpo edit --ckpt runs/1/<run id>/checkpoints/last.ckpt --image in.png \\
+      --instruction "rotate the blue triangle 90 degrees clockwise" --out out.png --seed 3
+  python -m lit_grpo edit --ckpt editor.safetensors --size 64 --image in.png \\
+      --instruction "make the green square twice as big" --out out.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_grpo edit",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--ckpt",
+        default="shapeworld-sft",
+        metavar="PATH",
+        help="a lit_grpo .ckpt, a .safetensors written by `export`, or a built-in name "
+        "(default: shapeworld-sft, the embedded ShapeWorld editor)",
+    )
+    parser.add_argument("--image", required=True, metavar="FILE", help="the source image")
+    parser.add_argument(
+        "--instruction",
+        required=True,
+        metavar="TEXT",
+        help='what to do, e.g. "move the red circle left"',
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="where to write the edit (.png, .jpg, ...)"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="ODE sampling steps (10)")
+    parser.add_argument(
+        "--shift", type=float, default=1.0, help="sigma-schedule shift; 1 is uniform (1.0)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    parser.add_argument(
+        "--size", metavar="N|WxH", help="edit at N x N (or W x H) pixels; see 'size' below"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not args.instruction.strip():
+        parser.error("--instruction is empty")
+    size = _parse_size(args.size, parser) if args.size else None
+    out = Path(args.out).expanduser()
+
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        parser.error(f"--out must name an image file (.png, .jpg, .webp, ...), got {args.out!r}")
+    if out.is_dir():
+        parser.error(f"--out {args.out!r} is a directory; name a file in it")
+    ensure_writable_dir(out.parent, "output directory (--out)")
+    path = ensure_file(args.image, "input image (--image)", "Check the path.")
+    try:
+        with Image.open(path) as opened:
+            mode = opened.mode
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"cannot read {path} as an image: {err}") from None
+
+    import numpy as np
+    import torch
+
+    from lit_grpo.policies.weights import BUILTIN, load_policy, resolve_weights_path
+
+    start = time.perf_counter()
+    if args.ckpt not in BUILTIN:
+        ensure_file(
+            args.ckpt,
+            "checkpoint (--ckpt)",
+            "Pass a lit_grpo .ckpt (runs/<experiment>/<run>/checkpoints/), a .safetensors "
+            f"written by `python -m lit_grpo export`, or a built-in name: {', '.join(BUILTIN)}.",
+        )
+    weights = resolve_weights_path(args.ckpt)
+    policy = load_policy(args.ckpt)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = policy.eval().requires_grad_(False).to(device)
+    loaded = time.perf_counter() - start
+    origin = "built-in weights" if args.ckpt in BUILTIN else str(weights)
+    n = sum(p.numel() for p in policy.parameters())
+    print(
+        f"policy  {type(policy).__name__} ({n / 1e6:.2f}M parameters) from {args.ckpt}"
+        f"{' (' + origin + ')' if origin != args.ckpt else ''}, on {device}, "
+        f"loaded in {loaded:.1f} s"
+    )
+    _warn_about_words(policy, args.instruction)
+
+    trained = None if size else trained_resolution(weights, policy)
+    size = size or trained or (image.height, image.width)
+    note = f" ({mode} converted to RGB)" if mode != "RGB" else ""
+    print(f"input   {path}: {image.width}x{image.height} px{note}")
+    if (image.height, image.width) != size:
+        why = "--size" if args.size else "the resolution the checkpoint was trained at"
+        image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        print(f"        resized to {size[1]}x{size[0]} px ({why})")
+    elif not args.size and not trained:
+        print(
+            "        edited at the input's size: the checkpoint does not say which resolution "
+            "it was trained at (--size to choose)"
+        )
+
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
+    source = pixels.permute(2, 0, 1)[None].float() / 255  # [1, 3, H, W] in [0, 1]
+    generator = torch.Generator().manual_seed(args.seed)  # CPU: the same noise on any device
+    start = time.perf_counter()
+    try:
+        edited = policy.edit(
+            source.to(device), [args.instruction], args.steps, args.shift, generator
+        )
+    except ValueError as err:  # the policy's own check of the input (size, channels)
+        raise ConfigError(
+            f"{type(policy).__name__} cannot edit a {size[1]}x{size[0]} px image: {err}. "
+            "Choose another size with --size"
+        ) from None
+    took = time.perf_counter() - start
+    print(
+        f"edit    {args.instruction!r}: {args.steps} steps, shift {args.shift:g}, "
+        f"seed {args.seed}, {took:.2f} s"
+    )
+    result = (edited[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(result).save(out)
+    print(f"wrote   {out} ({result.shape[1]}x{result.shape[0]} px)")
+    return 0
+
+
+def trained_resolution(weights: Path, policy) -> tuple[int, int] | None:
+    """(H, W) the policy was trained at, where the checkpoint or the policy records it."""
+    value = None
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            value = (f.metadata() or {}).get("resolution")
+    else:  # a Lightning checkpoint; mmap: only the small dict of hyper-parameters is read
+        import torch
+
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        value = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
+    if value is None:
+        value = getattr(policy, "resolution", None) or getattr(policy, "config", {}).get(
+            "resolution"
+        )
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [int(v) for v in value.strip("[]() ").replace("x", ",").split(",")]
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[-1])
+
+
+def _warn_about_words(policy, instruction: str) -> None:
+    """Name the words a word-level text encoder cannot read (they all become one UNK token)."""
+    from lit_grpo.policies.text import UNK, WordTokenizer
+
+    tokenizer = getattr(policy, "tokenizer", None)
+    if not isinstance(tokenizer, WordTokenizer):
+        return
+    unknown, count = [], 0
+    for word in instruction.split():
+        ids, mask = tokenizer([word])
+        count += int(mask[0].sum()) if ids[0, 0] != 0 else 0
+        if (ids[0][mask[0]] == UNK).any():
+            unknown.append(word)
+    if unknown:
+        known = " ".join(tokenizer.vocabulary[:80])
+        print(
+            f"lit_grpo edit: warning: the policy's text encoder does not know "
+            f"{', '.join(map(repr, unknown))}: it reads each as the same <unknown> token. "
+            f"Its vocabulary: {known}",
+            file=sys.stderr,
+        )
+    if count > tokenizer.max_words:
+        print(
+            f"lit_grpo edit: warning: the instruction has {count} words; the policy reads only "
+            f"the first {tokenizer.max_words}",
+            file=sys.stderr,
+        )
+
+
+def _parse_size(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """'N' or 'WxH' -> (H, W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        parser.error(f"--size takes N or WxH in pixels, got {text!r}")
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[1], parts[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

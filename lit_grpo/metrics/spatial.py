@@ -1,0 +1,140 @@
+"""Talk2Move's edit metrics, on the measurements the spatial rewards use (`lit_grpo.geometry`).
+
+Each is the mean over the edits of its task (see `base.EditMetric` for the update contract and
+DDP). Definitions, with a missed object (not found in the source or the edit) a failure:
+
+- TranslationDistance: centre displacement along the instructed direction, in image sides
+  (Talk2Move's Trans. Dist.); a miss scores 0.
+- TranslationAccuracy: `geometry.translation_success`: moved the instructed way by more than
+  `min_move` of the side, and more along the instructed axis than across it (GenEval's rule).
+- RotationError: |achieved - instructed rotation| as a fraction of 180 deg (Talk2Move's Rot.
+  Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
+- RotationAccuracy: rotation error <= `max_degrees`.
+- ScaleAccuracy: |log(achieved size ratio / instructed factor)| <= `max_log_error` (0.15: the
+  ratio within about 15 % of the factor, symmetric for growing and shrinking).
+- BackgroundL1: mean |edit - source| outside the object's ground-truth regions before and
+  after the edit (batch["mask_before"], batch["mask_after"], grown by `dilate` px). Unlike
+  `BackgroundReward`, which must use the segmenter's masks, the metric uses the true regions,
+  so an edit that puts the object in the wrong place also pays for the pixels it changed.
+- ObjectFound: fraction of edits in which the segmenter found the object in the edit.
+- EditCount: the number of edits (a sum, not a mean), for the table's n column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lit_grpo import geometry as geo
+from lit_grpo.metrics.base import EditMetric
+from lit_grpo.rewards.segmenters import Detections
+
+
+def _size(images: Tensor) -> tuple[int, int]:
+    return tuple(images.shape[-2:])
+
+
+class TranslationDistance(EditMetric):
+    """Mean signed displacement along the instructed direction, in image sides."""
+
+    task = "translate"
+    higher_is_better = True
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        return geo.translation_distance(before, after, batch["direction"], _size(edited))
+
+
+class TranslationAccuracy(EditMetric):
+    """Fraction of translations that moved the instructed way (see module docstring)."""
+
+    task = "translate"
+    higher_is_better = True
+
+    def __init__(self, min_move: float = 0.05) -> None:
+        super().__init__()
+        self.min_move = min_move
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        d = batch["direction"]
+        return geo.translation_success(before, after, d, _size(edited), self.min_move)
+
+
+class RotationError(EditMetric):
+    """Mean |achieved - instructed| rotation, as a fraction of 180 deg unless `degrees`."""
+
+    task = "rotate"
+    higher_is_better = False
+
+    def __init__(self, degrees: bool = False) -> None:
+        super().__init__()
+        self.degrees = degrees
+        self.miss = 180.0 if degrees else 1.0
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        err = geo.rotation_error(before, after, batch["angle"])
+        return err if self.degrees else err / 180.0
+
+
+class RotationAccuracy(EditMetric):
+    """Fraction of rotations within `max_degrees` of the instructed angle."""
+
+    task = "rotate"
+    higher_is_better = True
+
+    def __init__(self, max_degrees: float = 20.0) -> None:
+        super().__init__()
+        self.max_degrees = max_degrees
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        err = geo.rotation_error(before, after, batch["angle"])
+        return torch.where(err.isnan(), err, (err <= self.max_degrees).float())
+
+
+class ScaleAccuracy(EditMetric):
+    """Fraction of scalings whose size ratio is within `max_log_error` (log) of the factor."""
+
+    task = "scale"
+    higher_is_better = True
+
+    def __init__(self, max_log_error: float = 0.15) -> None:
+        super().__init__()
+        self.max_log_error = max_log_error
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        err = geo.scale_error(before, after, batch["factor"])
+        return torch.where(err.isnan(), err, (err <= self.max_log_error).float())
+
+
+class BackgroundL1(EditMetric):
+    """Mean |edit - source| outside the object's true regions before and after the edit."""
+
+    higher_is_better = False
+
+    def __init__(self, task: str | None = None, dilate: int = 1) -> None:
+        super().__init__(task)
+        self.dilate = dilate
+
+    def values(self, source, edited, batch: Mapping, before, after) -> Tensor:
+        keep = geo.outside_mask([batch["mask_before"], batch["mask_after"]], self.dilate)
+        return geo.background_l1(source, edited, keep)
+
+
+class ObjectFound(EditMetric):
+    """Fraction of edits in which the segmenter found the object."""
+
+    higher_is_better = True
+
+    def values(self, source, edited, batch, before, after: Detections) -> Tensor:
+        return after.found.float()
+
+
+class EditCount(EditMetric):
+    """Number of edits seen (summed across ranks)."""
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        return torch.ones(edited.shape[0], device=edited.device)
+
+    def compute(self) -> Tensor:
+        return self.count
