@@ -18,11 +18,10 @@ HELP = "edit one image with a lit_grpo checkpoint, a weights file or built-in we
 
 EPILOG = """\
 size:
-  --size if given, else the resolution the checkpoint was trained at (a lit_grpo .ckpt
-  records it), else the input's size. The output has that size too. The built-in
-  shapeworld-sft editor was trained on 32x32 px ShapeWorld scenes: give larger images
-  --size 32 (it runs at any multiple of 4 px, but attention cost grows with the 4th power
-  of the side).
+  --size if given, else the resolution the checkpoint was trained at (a lit_grpo .ckpt,
+  a file written by `export` and the built-in shapeworld-sft, 32 px, record it), else the
+  input's size. The output has that size too. The tiny editor runs at any multiple of
+  4 px, but attention cost grows with the 4th power of the side.
 
 examples:
   python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
