@@ -42,14 +42,31 @@ class SaveConfigToLogger(SaveConfigCallback):
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"init_args": {"lr": 1}}} -> {"model.lr": 1}. Lists of classes (callbacks)
+    are keyed by class name, not position, so adding or dropping one callback changes only
+    its own parameters in `compare`."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, name + "."))
+        elif _is_class_list(value):
+            classes = [str(v["class_path"]).rsplit(".", 1)[-1] for v in value]
+            for i, (item, cls) in enumerate(zip(value, classes)):
+                label = cls if classes.count(cls) == 1 else f"{cls}[{i}]"
+                flat[f"{name}.{label}"] = item["class_path"]
+                flat.update(_flatten(item.get("init_args") or {}, f"{name}.{label}."))
         elif key not in ("config", "__path__"):
             flat[name.replace(".init_args", "")] = value
     return flat
+
+
+def _is_class_list(value) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, dict) and "class_path" in v for v in value)
+    )
 
 
 class LitGRPOCLI(LightningCLI):

@@ -228,3 +228,19 @@ def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp):
         ]
     )
     assert "test/loss" in cli.trainer.callback_metrics
+
+
+def test_config_params_name_list_items_by_class_not_position():
+    from lit_grpo.cli import _flatten
+
+    bar = {"class_path": "lit_grpo.callbacks.PhaseProgressBar", "init_args": {"leave": False}}
+    ckpt = {"class_path": "lit_grpo.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    full = _flatten({"trainer": {"callbacks": [bar, ckpt]}, "model": {"init_args": {"lr": 1}}})
+    fewer = _flatten({"trainer": {"callbacks": [ckpt]}, "model": {"init_args": {"lr": 1}}})
+    assert full["trainer.callbacks.ModelCheckpoint.save_last"] is True
+    assert full["trainer.callbacks.PhaseProgressBar.leave"] is False
+    assert full["model.lr"] == 1
+    # dropping the bar leaves the checkpoint's parameters under the same names
+    assert {k: v for k, v in full.items() if "PhaseProgressBar" not in k} == fewer
+    twice = _flatten({"callbacks": [ckpt, ckpt]})
+    assert set(twice) >= {"callbacks.ModelCheckpoint[0]", "callbacks.ModelCheckpoint[1].save_last"}
