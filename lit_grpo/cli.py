@@ -88,8 +88,19 @@ class LitGRPOCLI(LightningCLI):
                 for c in config.trainer.callbacks
                 if not str(getattr(c, "class_path", "")).endswith("ProgressBar")
             ]
-        for weights in _values_of(config.get("model"), "weights"):
-            resolve_weights_path(weights)  # names a missing file before anything is built
+        # name a missing weights file before anything is built (jsonargparse would bury the
+        # error in a traceback of union-type attempts)
+        for class_path, init in _classes_in(config.get("model")):
+            if class_path == "lit_grpo.metrics.LPIPS":
+                from lit_grpo.metrics.lpips import alexnet_weights
+
+                alexnet_weights(init.get("weights"))
+            elif class_path == "lit_grpo.metrics.CLIPScore":
+                from lit_grpo.metrics.clip import check_clip_files
+
+                check_clip_files(init.get("model", ""), init.get("pretrained", ""))
+            elif isinstance(init.get("weights"), str):  # a policy's weights
+                resolve_weights_path(init["weights"])
         ckpt = config.get("ckpt_path")
         if ckpt and ckpt not in SPECIAL_CKPTS and "://" not in str(ckpt):
             ensure_file(
@@ -100,19 +111,18 @@ class LitGRPOCLI(LightningCLI):
             )
 
 
-def _values_of(tree, key: str):
-    """Every string value stored under `key` anywhere in a (nested) config."""
+def _classes_in(tree):
+    """(class_path, init_args dict) of every class anywhere in a (nested) config."""
     if hasattr(tree, "as_dict"):
         tree = tree.as_dict()
     if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == key and isinstance(v, str):
-                yield v
-            else:
-                yield from _values_of(v, key)
+        if isinstance(tree.get("class_path"), str):
+            yield tree["class_path"], tree.get("init_args") or {}
+        for value in tree.values():
+            yield from _classes_in(value)
     elif isinstance(tree, list):
-        for v in tree:
-            yield from _values_of(v, key)
+        for value in tree:
+            yield from _classes_in(value)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

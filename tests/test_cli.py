@@ -1,5 +1,6 @@
 """The CLI as a user meets it: configs, an end-to-end fit, errors on bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,6 +119,24 @@ def test_missing_checkpoint_and_weights_are_named(in_tmp):
     assert out.returncode == 2
     assert "missing.safetensors" in out.stderr and "weights: null" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_missing_metric_weights_are_named_before_anything_is_built(in_tmp):
+    def metrics(**kw):
+        return "--model.init_args.metrics=" + json.dumps(
+            {"class_path": "lit_grpo.metrics.EditMetrics", "init_args": kw}
+        )
+
+    lpips = {"class_path": "lit_grpo.metrics.LPIPS", "init_args": {"weights": "no_alex.pth"}}
+    clip = {
+        "class_path": "lit_grpo.metrics.CLIPScore",
+        "init_args": {"model": "ViT-B-32", "pretrained": "no_clip.bin"},
+    }
+    for arg, name in ((metrics(lpips=lpips), "no_alex.pth"), (metrics(clip=clip), "no_clip.bin")):
+        out = _cli("test", "--config", str(ROOT / "configs/talk2move.yaml"), arg, cwd=in_tmp)
+        assert out.returncode == 2, out.stderr[-500:]
+        assert name in out.stderr and "never downloads" in out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_unwritable_output_directory_is_reported_before_training(in_tmp):

@@ -29,6 +29,19 @@ from torchvision.transforms import functional as tvf
 from lit_grpo.metrics.base import EditMetric, Frozen
 
 
+def check_clip_files(model: str, pretrained: str | os.PathLike) -> None:
+    """Raise FileNotFoundError naming the weights file (or model config) that is missing."""
+    file = Path(pretrained).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"CLIP weights not found: {file}. `pretrained` must be a local weights file for "
+            f"{model!r} (e.g. open_clip_pytorch_model.bin from the model's Hugging Face page); "
+            "lit_grpo never downloads weights, so open_clip tags such as 'openai' are refused."
+        )
+    if model.endswith(".json") and not Path(model).expanduser().is_file():
+        raise FileNotFoundError(f"open_clip model config not found: {Path(model).expanduser()}")
+
+
 def load_open_clip(model: str, pretrained: str | os.PathLike) -> Frozen:
     """An open_clip model, its tokenizer and image preprocessing, from local files only.
 
@@ -37,20 +50,12 @@ def load_open_clip(model: str, pretrained: str | os.PathLike) -> Frozen:
     Architectures whose text tower or tokenizer comes from Hugging Face need those files in the
     Hugging Face cache.
     """
-    file = Path(pretrained).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"CLIP weights not found: {file}. `pretrained` must be a local weights file for "
-            f"{model!r} (e.g. open_clip_pytorch_model.bin from the model's Hugging Face page); "
-            "lit_grpo never downloads weights, so open_clip tags such as 'openai' are refused."
-        )
+    check_clip_files(model, pretrained)
     import open_clip  # 8 s to import: only when a CLIP score is asked for
 
     name = model
     if model.endswith(".json"):
         config = Path(model).expanduser()
-        if not config.is_file():
-            raise FileNotFoundError(f"open_clip model config not found: {config}")
         open_clip.add_model_config(config)  # registered under the file's stem
         name = config.stem
     elif model not in open_clip.list_models():
@@ -58,7 +63,7 @@ def load_open_clip(model: str, pretrained: str | os.PathLike) -> Frozen:
             f"unknown open_clip architecture {model!r}: pass a name from "
             "open_clip.list_models() or the path of a model-config .json"
         )
-    net = open_clip.create_model(name, pretrained=str(file))
+    net = open_clip.create_model(name, pretrained=str(Path(pretrained).expanduser()))
     cfg = open_clip.get_model_preprocess_cfg(net)
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
     return Frozen(
