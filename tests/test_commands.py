@@ -7,30 +7,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import TINY as CLI_TINY
 
 from lit_grpo.__main__ import main
 from lit_grpo.commands.compare import PANEL_PX
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two steps of a 20k-parameter editor at 16 px, validated once: a few seconds per fit.
+# test_cli's tiny editor, two steps validated once, without checkpoints or callbacks
 TINY = [
+    *(a for a in CLI_TINY if not a.startswith("--trainer.max_steps")),
     "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.enable_checkpointing=false",
     "--trainer.callbacks=[]",
-    "--model.init_args.policy.init_args.width=32",
-    "--model.init_args.policy.init_args.depth=1",
-    "--model.init_args.policy.init_args.heads=2",
-    "--model.init_args.warmup_steps=1",
-    "--model.init_args.sample_steps=2",
-    "--model.init_args.grid_size=2",
-    "--data.init_args.resolution=16",
-    "--data.init_args.batch_size=4",
-    "--data.init_args.val_size=4",
 ]
 RUNS = {"lr-small": ("1e-3", "a"), "lr-large": ("3e-3", "b")}  # name: (lr, tag variant)
 

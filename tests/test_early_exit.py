@@ -58,20 +58,10 @@ def test_selector_chooses_argmax_and_resumes_with_same_k(tmp_path):
 
 
 def test_selector_refuses_a_module_without_the_protocol(tmp_path):
-    class Plain(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(1, 1)
+    from helpers import PlainModule, plain_loader
 
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), 0.1)
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)))
     with pytest.raises(TypeError, match="exit_step_variance"):
-        trainer(tmp_path, 1, [EarlyExitSelector([1, 2])]).fit(Plain(), loader)
+        trainer(tmp_path, 1, [EarlyExitSelector([1, 2])]).fit(PlainModule(), plain_loader())
 
 
 def test_warmup_ema_forgets_the_initialisation():

@@ -69,22 +69,13 @@ def test_rollout_logger_writes_images_to_mlflow(tmp_path, monkeypatch):
 
 
 def test_rollout_logger_names_the_missing_protocol(tmp_path):
-    class Plain(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(1, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), 0.1)
-
+    from helpers import PlainModule, plain_loader
     from test_grpo import quiet_trainer
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)))
     with pytest.raises(TypeError, match="rollout"):
-        quiet_trainer(max_steps=1, callbacks=[RolloutImageLogger()]).fit(Plain(), loader)
+        quiet_trainer(max_steps=1, callbacks=[RolloutImageLogger()]).fit(
+            PlainModule(), plain_loader()
+        )
 
 
 def test_lora_exporter_writes_each_checkpoint_and_loads_back(tmp_path):
