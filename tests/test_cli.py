@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +234,9 @@ def test_mlflow_logger_honours_the_tracking_uri_env(in_tmp, monkeypatch):
     assert (in_tmp / "elsewhere.db").exists() and not (in_tmp / "mlruns").exists()
 
 
-def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp):
+def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp, capsys):
+    import mlflow
+
     run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=2"])
     (last,) = (in_tmp / "runs").rglob("last.ckpt")
     cli = run_cli(
@@ -246,7 +249,22 @@ def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp):
             f"--ckpt_path={last}",
         ]
     )
-    assert "test/loss" in cli.trainer.callback_metrics
+    metrics = cli.trainer.callback_metrics
+    assert "test/loss" in metrics
+    # Talk2Move's table: printed, logged per task, stored with the run
+    printed = capsys.readouterr().out
+    assert "Talk2Move table: 4 test edits" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("task "))
+    assert "accuracy" in header and "bg L1" in header
+    tasks = {k.split("/")[1] for k in metrics if k.startswith("test/") and k.count("/") == 2}
+    assert tasks and tasks <= {"translate", "rotate", "scale"}
+    for task in tasks:
+        assert re.search(rf"^{task}\s+\d+\s", printed, re.M), printed
+        assert f"test/{task}/accuracy" in metrics and f"test/{task}/background_l1" in metrics
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    run = client.get_run(cli.trainer.logger.run_id)
+    table = client.download_artifacts(run.info.run_id, "test_edits.txt", str(in_tmp))
+    assert open(table).read().splitlines()[0] == header
 
 
 def test_config_params_name_list_items_by_class_not_position():
