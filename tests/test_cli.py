@@ -67,6 +67,11 @@ def test_fit_end_to_end_changes_weights_and_logs_to_mlflow(in_tmp):
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(losses) == 4 and all(m.value > 0 for m in losses)
     assert client.get_metric_history(run.info.run_id, "val/loss")
+    # the edit metrics of validation, per task of the validation batch
+    val_tasks = {k.split("/")[1] for k in run.data.metrics if k.endswith("/accuracy")}
+    assert val_tasks and val_tasks <= {"translate", "rotate", "scale"}
+    for task in val_tasks:
+        assert {f"val/{task}/found", f"val/{task}/background_l1"} <= set(run.data.metrics)
     assert run.data.params["model.policy.width"] == "32"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "images" in artifacts
