@@ -168,3 +168,15 @@ def test_edit_errors_name_the_file(shapeworld_png, tmp_path, capsys):
     # unknown words are named, and the edit still runs
     assert main([*args[:3], "--instruction", "move the green blob right", *args[5:]]) == 0
     assert "does not know 'blob'" in capsys.readouterr().err and Path(out).exists()
+
+
+def test_export_keeps_the_policy_and_its_resolution(tmp_path, capsys):
+    from lit_grpo.policies.weights import load_policy, recorded_resolution
+
+    out = tmp_path / "editor.safetensors"
+    assert main(["export", "shapeworld-sft", str(out)]) == 0
+    assert "wrote TinyEditPolicy" in capsys.readouterr().out
+    assert recorded_resolution(str(out)) == (32, 32)
+    original, copy = load_policy("shapeworld-sft").state_dict(), load_policy(str(out)).state_dict()
+    assert original.keys() == copy.keys()
+    assert all(torch.equal(original[k], copy[k]) for k in original)

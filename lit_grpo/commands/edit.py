@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     )
     _warn_about_words(policy, args.instruction)
 
-    trained = None if size else trained_resolution(weights, policy)
+    trained = None if size else trained_resolution(args.ckpt, policy)
     size = size or trained or (image.height, image.width)
     note = f" ({mode} converted to RGB)" if mode != "RGB" else ""
     print(f"input   {path}: {image.width}x{image.height} px{note}")
@@ -159,30 +159,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def trained_resolution(weights: Path, policy) -> tuple[int, int] | None:
+def trained_resolution(weights: str, policy) -> tuple[int, int] | None:
     """(H, W) the policy was trained at, where the checkpoint or the policy records it."""
-    value = None
-    if weights.suffix == ".safetensors":
-        from safetensors import safe_open
+    from lit_grpo.policies.weights import recorded_resolution
 
-        with safe_open(str(weights), "pt") as f:
-            value = (f.metadata() or {}).get("resolution")
-    else:  # a Lightning checkpoint; mmap: only the small dict of hyper-parameters is read
-        import torch
-
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-        value = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
-    if value is None:
-        value = getattr(policy, "resolution", None) or getattr(policy, "config", {}).get(
-            "resolution"
-        )
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [int(v) for v in value.strip("[]() ").replace("x", ",").split(",")]
-    if isinstance(value, int):
-        return value, value
-    return int(value[0]), int(value[-1])
+    recorded = recorded_resolution(weights)
+    if recorded is not None:
+        return recorded
+    value = getattr(policy, "resolution", None) or getattr(policy, "config", {}).get("resolution")
+    return (value, value) if isinstance(value, int) else None
 
 
 def _warn_about_words(policy, instruction: str) -> None:

@@ -19,36 +19,18 @@ def main(argv: list[str]) -> int:
     if not args.out.endswith(".safetensors"):
         parser.error(f"OUT must end in .safetensors, got {args.out!r}")
 
-    from lit_grpo.policies.weights import load_policy, save_policy_weights
+    from lit_grpo.policies.weights import load_policy, recorded_resolution, save_policy_weights
 
     policy = load_policy(args.ckpt)
     if args.half:
         policy.half()
-    path = save_policy_weights(policy, args.out, resolution=_resolution(args.ckpt))
+    path = save_policy_weights(policy, args.out, resolution=recorded_resolution(args.ckpt))
     n = sum(p.numel() for p in policy.parameters())
     print(
         f"wrote {type(policy).__name__} ({n / 1e6:.2f}M parameters) to {path} "
         f"({path.stat().st_size / 2**20:.1f} MiB)"
     )
     return 0
-
-
-def _resolution(weights: str) -> int | None:
-    """The training image side a checkpoint's data module (or a weights file) records."""
-    from lit_grpo.policies.weights import resolve_weights_path
-
-    path = resolve_weights_path(weights)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            value = (f.metadata() or {}).get("resolution")
-    else:
-        import torch
-
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        value = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
-    return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else None
 
 
 if __name__ == "__main__":

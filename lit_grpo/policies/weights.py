@@ -83,9 +83,31 @@ def save_policy_weights(policy: nn.Module, path: str | Path, resolution: int | N
     state = {k: v.contiguous() for k, v in policy_state(policy).items()}
     meta = {"class": type(policy).__name__, "config": json.dumps(getattr(policy, "config", {}))}
     if resolution is not None:
-        meta["resolution"] = str(resolution)
+        h, w = resolution
+        meta["resolution"] = str(h) if h == w else f"{h}x{w}"
     save_file(state, str(path), metadata=meta)
     return path
+
+
+def recorded_resolution(weights: str) -> tuple[int, int] | None:
+    """(H, W) a weights file (`resolution` metadata) or a lit_grpo checkpoint (its data
+    module's `resolution`) says the policy was trained at; None where it says nothing."""
+    path = resolve_weights_path(weights)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            value = (f.metadata() or {}).get("resolution")
+    else:  # mmap: only the small dict of hyper-parameters is read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        value = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
+    if value is None:
+        return None
+    if isinstance(value, str):  # "32" or "32x48"
+        value = [int(v) for v in value.strip("[]() ").replace("x", ",").split(",")]
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[-1])
 
 
 def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
