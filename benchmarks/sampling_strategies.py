@@ -85,11 +85,10 @@ def evaluate(module, dataset, batch_size: int, seed: int):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     for i, batch in enumerate(loader):
         edits = module.edit(batch["source"], batch["instruction"], seed=seed + i)
-        total, _ = module.score(edits, batch, 1)
-        before = module.segmenter(batch["source"], batch["object"])
-        after = module.segmenter(edits, batch["object"])
+        inputs = module.observe(edits, batch, 1)  # segmented once for reward and accuracy
+        total, _ = module.judge(inputs)
         ok = geo.translation_success(
-            before, after, batch["direction"], tuple(batch["source"].shape[-2:])
+            inputs.before, inputs.after, batch["direction"], tuple(batch["source"].shape[-2:])
         )
         rewards.append(total)
         success.append(torch.nan_to_num(ok, nan=0.0))

@@ -1,7 +1,8 @@
 """Validation and test edits scored with Talk2Move's metrics; shared by the stages.
 
 A stage owns an `EditMetrics` (`self.edit_metrics`) and a segmenter. Each validation/test
-batch: ODE edits -> segment the object in source and edit -> `update_edit_metrics`. At the end
+batch: ODE edits -> segment the object in source and edit -> `update_edit_metrics` (GRPO
+feeds `edit_metrics` the detections its rewards already made). At the end
 of the epoch `report_edit_metrics` computes the metrics on every rank (they gather their own
 state under DDP), logs `{stage}/{task}/{metric}`, and on `test` prints the table and stores
 it as `{stage}_edits.txt` with the loggers.

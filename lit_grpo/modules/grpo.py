@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
-from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
+from lit_grpo.modules.evaluation import report_edit_metrics
 from lit_grpo.modules.grids import edit_grid
 from lit_grpo.modules.objectives import (
     clipped_policy_loss,
@@ -175,19 +175,23 @@ class GRPOModule(L.LightningModule):
 
     # --- 3: rewards ------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, images: Tensor, batch: dict, repeats: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted total reward [N] and every reward's and sub-score's values (for logging)."""
-        rows = {k: _repeat(v, repeats) for k, v in batch.items()}  # one row per rollout
-        source = batch["source"].repeat_interleave(repeats, 0)
+    def observe(self, images: Tensor, batch: dict, repeats: int) -> RewardInputs:
+        """What the judges see: the edits, their sources and conditions (one row per rollout)
+        and the object segmented once per source and once per edit."""
+        rows = {k: _repeat(v, repeats) for k, v in batch.items()}
         before = self.segmenter(batch["source"], batch["object"])
-        inputs = RewardInputs(
+        return RewardInputs(
             images=images,
-            source=source,
+            source=batch["source"].repeat_interleave(repeats, 0),
             batch=rows,
             before=before.repeat_interleave(repeats),
             after=self.segmenter(images, rows["object"]),
         )
-        total = torch.zeros(images.shape[0], device=images.device)
+
+    @torch.no_grad()
+    def judge(self, inputs: RewardInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted total reward [N] and every reward's and sub-score's values (for logging)."""
+        total = torch.zeros(inputs.images.shape[0], device=inputs.images.device)
         parts = {"object_found": inputs.after.found.float()}
         for reward in self.rewards:
             out = reward(inputs)
@@ -195,6 +199,9 @@ class GRPOModule(L.LightningModule):
             parts[reward.name] = out.scores.float()
             parts.update(out.extras)
         return total, parts
+
+    def score(self, images: Tensor, batch: dict, repeats: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.judge(self.observe(images, batch, repeats))
 
     # --- 4: advantages (gathered across ranks) ---------------------------------------------
     def advantages(self, rewards: Tensor):
@@ -395,8 +402,9 @@ class GRPOModule(L.LightningModule):
         """ODE edits scored by the training rewards (logs `{stage}/reward` and every part)
         and by the edit metrics (logged at the end of the epoch)."""
         edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
-        update_edit_metrics(self, batch, edits)
-        total, parts = self.score(edits, batch, 1)
+        inputs = self.observe(edits, batch, 1)
+        self.edit_metrics.update(batch["source"], edits, batch, inputs.before, inputs.after)
+        total, parts = self.judge(inputs)
         n = batch["source"].shape[0]
         self.log(f"{stage}/reward", _nanmean(total), batch_size=n, sync_dist=True, prog_bar=True)
         for key, value in parts.items():
