@@ -33,7 +33,7 @@ class LoraExporter(Callback):
     def __init__(self, dirpath: str | None = None, half: bool = False):
         self.dirpath = dirpath
         self.half = half
-        self.exported: list[str] = []
+        self._last_step: int | None = None
 
     def _dir(self, trainer: Trainer) -> Path:
         if self.dirpath:
@@ -48,7 +48,7 @@ class LoraExporter(Callback):
     ) -> None:
         # every rank builds the checkpoint; one writes (as Lightning's own save does)
         path = self._dir(trainer) / f"lora-step={trainer.global_step:06d}.safetensors"
-        if not trainer.is_global_zero or str(path) in self.exported:
+        if not trainer.is_global_zero or self._last_step == trainer.global_step:
             return  # a "last" and a "best" checkpoint of the same step share one export
         tensors, metadata = lora_tensors(pl_module, checkpoint["state_dict"])
         if not tensors:
@@ -64,13 +64,7 @@ class LoraExporter(Callback):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
-        self.exported.append(str(path))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"exported": self.exported}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.exported = list(state_dict.get("exported", []))
+        self._last_step = trainer.global_step
 
 
 def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, dict[str, str]]:
