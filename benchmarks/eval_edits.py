@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from lit_grpo.datamodules.shapeworld import ShapeWorld
+    from lit_grpo.perception.segmenters import ColourSegmenter
     from lit_grpo.policies import TinyEditPolicy
     from lit_grpo.policies.weights import load_policy, read_policy_file
-    from lit_grpo.rewards.segmenters import ColourSegmenter
 
     torch.set_grad_enabled(False)
     dataset = ShapeWorld(args.split, args.n, args.resolution, tuple(args.tasks), seed=args.seed)

@@ -78,7 +78,7 @@ class StepTimer(L.Callback):
 @torch.no_grad()
 def evaluate(module, dataset, batch_size: int, seed: int):
     """Per-sample total reward and translation success of ODE edits (a miss: reward NaN->min)."""
-    from lit_grpo import geometry as geo
+    from lit_grpo.perception import geometry as geo
 
     module.eval()
     rewards, success = [], []

@@ -132,7 +132,7 @@ def shapeworld_png(tmp_path):
 
 
 def test_edit_moves_the_object_as_instructed(shapeworld_png, tmp_path, capsys):
-    from lit_grpo.rewards.segmenters import ColourSegmenter
+    from lit_grpo.perception.segmenters import ColourSegmenter
 
     path, sample = shapeworld_png
     out = tmp_path / "out" / "edited.png"

@@ -13,10 +13,10 @@ from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule
 from lit_grpo.modules.objectives import clipped_policy_loss, gathered_group_advantages
+from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import (
     BackgroundReward,
-    ColourSegmenter,
     Reward,
     RewardInputs,
     RewardOutput,

@@ -28,8 +28,8 @@ from lit_grpo.metrics import (
 )
 from lit_grpo.metrics.base import select_rows
 from lit_grpo.metrics.lpips import ALEXNET_FILE
+from lit_grpo.perception.segmenters import ColourSegmenter
 from lit_grpo.rewards import RewardInputs, TranslationReward
-from lit_grpo.rewards.segmenters import ColourSegmenter
 
 SEG = ColourSegmenter()
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from lit_grpo.datamodules.shapeworld import COLORS, Scene, Shape, ShapeWorld, apply_edit, render
-from lit_grpo.rewards.segmenters import ColourSegmenter, Detections, Segmenter
+from lit_grpo.perception.segmenters import ColourSegmenter, Detections, Segmenter
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:

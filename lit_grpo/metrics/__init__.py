@@ -1,6 +1,6 @@
 """Edit metrics as torchmetrics `Metric`s (Talk2Move's table), DDP-correct.
 
-The spatial metrics compute through `lit_grpo.geometry`, the measurements the spatial rewards
+The spatial metrics compute through `lit_grpo.perception.geometry`, the measurements the spatial rewards
 use. `EditMetrics` routes each edit to its task's metrics and prints the table. open_clip is
 imported only when a `CLIPScore` is built.
 """

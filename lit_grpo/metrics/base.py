@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_grpo.rewards.segmenters import Detections
+from lit_grpo.perception.detections import Detections
 
 
 class EditMetric(Metric):

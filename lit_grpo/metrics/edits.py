@@ -34,7 +34,7 @@ from lit_grpo.metrics.spatial import (
     TranslationAccuracy,
     TranslationDistance,
 )
-from lit_grpo.rewards.segmenters import Detections
+from lit_grpo.perception.detections import Detections
 
 TASKS = ("translate", "rotate", "scale")
 # (result key, column title, format) of the table, in order

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image.lpips import _NoTrainLpips
 
-from lit_grpo import geometry as geo
 from lit_grpo.metrics.base import EditMetric, Frozen
+from lit_grpo.perception import geometry as geo
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"

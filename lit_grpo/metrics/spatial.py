@@ -1,4 +1,4 @@
-"""Talk2Move's edit metrics, on the measurements the spatial rewards use (`lit_grpo.geometry`).
+"""Talk2Move's edit metrics, on the measurements the spatial rewards use (`lit_grpo.perception.geometry`).
 
 Each is the mean over the edits of its task (see `base.EditMetric` for the update contract and
 DDP). Definitions, with a missed object (not found in the source or the edit) a failure:
@@ -27,9 +27,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lit_grpo import geometry as geo
 from lit_grpo.metrics.base import EditMetric
-from lit_grpo.rewards.segmenters import Detections
+from lit_grpo.perception import geometry as geo
+from lit_grpo.perception.detections import Detections
 
 
 def _size(images: Tensor) -> tuple[int, int]:

@@ -33,11 +33,11 @@ from lit_grpo.modules.objectives import (
     kl_to_reference,
 )
 from lit_grpo.modules.rollout import Rollout
+from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
 from lit_grpo.policies.weights import policy_checkpoint_entry
 from lit_grpo.rewards.base import Reward, RewardInputs
-from lit_grpo.rewards.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.sampling import ode_step, randn_like, shortcut_to_data, sigma_schedule
 from lit_grpo.sampling.sde import sde_step
 from lit_grpo.sampling.strategies import (

@@ -19,10 +19,10 @@ from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
 from lit_grpo.modules.grids import edit_grid
+from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
 from lit_grpo.policies.weights import policy_checkpoint_entry
-from lit_grpo.rewards.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.sampling import add_noise, randn_like, sample_sigmas, velocity_target
 
 

@@ -1,7 +1,6 @@
-"""Rewards under one contract (`base.py`), the segmenters they use, and the spatial rewards."""
+"""Rewards under one contract (`base.py`) and the spatial rewards (over `lit_grpo.perception`)."""
 
 from lit_grpo.rewards.base import Reward, RewardInputs, RewardOutput
-from lit_grpo.rewards.segmenters import ColourSegmenter, Detections, Segmenter
 from lit_grpo.rewards.spatial import (
     BackgroundReward,
     RotationReward,
@@ -11,13 +10,10 @@ from lit_grpo.rewards.spatial import (
 
 __all__ = [
     "BackgroundReward",
-    "ColourSegmenter",
-    "Detections",
     "Reward",
     "RewardInputs",
     "RewardOutput",
     "RotationReward",
     "ScaleReward",
-    "Segmenter",
     "TranslationReward",
 ]

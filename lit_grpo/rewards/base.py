@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lit_grpo.rewards.segmenters import Detections
+from lit_grpo.perception.detections import Detections
 
 
 @dataclass

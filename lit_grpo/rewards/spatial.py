@@ -1,4 +1,4 @@
-"""Talk2Move's object-level spatial rewards, on the shared measurements of `lit_grpo.geometry`.
+"""Talk2Move's object-level spatial rewards, on the shared measurements of `lit_grpo.perception.geometry`.
 
 Each reward scores the rows of its own task and gives 0 to the others (a group shares one
 condition, hence one task, so the zeros carry no advantage). An object the segmenter cannot
@@ -7,7 +7,7 @@ find in the edit scores the reward's lowest value, never an exception.
 
 import torch
 
-from lit_grpo import geometry as geo
+from lit_grpo.perception import geometry as geo
 from lit_grpo.rewards.base import Reward, RewardInputs, RewardOutput
 
 

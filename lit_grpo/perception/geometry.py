@@ -16,7 +16,7 @@ Talk2Move's definitions, on our conventions (pixels, y down, angles ccw as seen)
 import torch
 from torch import Tensor
 
-from lit_grpo.rewards.segmenters import Detections
+from lit_grpo.perception.detections import Detections
 
 
 def _both(before: Detections, after: Detections) -> Tensor:

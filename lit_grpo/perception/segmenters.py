@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -23,34 +22,12 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from lit_grpo.perception.detections import Detections
+
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity: thin apexes stay attached
 _SOFT_RADIUS = 2  # px around the mask where anti-aliased / blurred edge pixels are weighed
 _RING = (3, 5)  # local background is fitted on pixels this many px (from, to) off the mask
 _KNOWN_KINDS = ("circle", "square", "triangle")
-
-
-@dataclass
-class Detections:
-    """Batched detections; rows with `found` False hold zeros (and a NaN angle)."""
-
-    found: Tensor  # bool [N]
-    mask: Tensor  # bool [N, H, W]
-    box: Tensor  # float [N, 4] (x0, y0, x1, y1) px of the mask, x1/y1 exclusive
-    centre: Tensor  # float [N, 2] (x, y) px, sub-pixel
-    angle: Tensor  # float [N] degrees, ccw as seen; NaN if unreadable or not found
-    area: Tensor  # float [N] px (soft: anti-aliased edge pixels count fractionally)
-
-    def __len__(self) -> int:
-        return self.found.shape[0]
-
-    def to(self, device: torch.device | str) -> Detections:
-        return Detections(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def repeat_interleave(self, repeats: int) -> Detections:
-        """Each row `repeats` times in a row (one source's detection per rollout of its group)."""
-        return Detections(
-            **{f.name: getattr(self, f.name).repeat_interleave(repeats, 0) for f in fields(self)}
-        )
 
 
 @runtime_checkable
