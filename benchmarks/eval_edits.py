@@ -35,13 +35,14 @@ def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter,
     """`EditMetrics.compute()` ({task: {metric: value}}) and each task's per-edit spatial
     rewards (the GRPO stage's own: each scores its task's rows, 0 elsewhere)."""
     from lit_grpo.metrics import EditMetrics
-    from lit_grpo.rewards import RewardInputs, RotationReward, ScaleReward, TranslationReward
+    from lit_grpo.rewards import RotationReward, ScaleReward, Scorer, TranslationReward
 
     spatial = [
         TranslationReward(move_fraction=dataset.move_fraction),
         RotationReward(),
         ScaleReward(),
     ]
+    scorer = Scorer(spatial, segmenter)
     metrics = EditMetrics(tasks=dataset.tasks)
     rewards = {t: [] for t in dataset.tasks}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
@@ -49,11 +50,9 @@ def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter,
     for batch in progress(loader):
         src = batch["source"]
         edited = policy.edit(src, batch["instruction"], steps, generator=gen)
-        before = segmenter(src, batch["object"])
-        after = segmenter(edited, batch["object"])
-        metrics.update(src, edited, batch, before, after)
-        inputs = RewardInputs(edited, src, batch, before, after)
-        reward = sum(r(inputs).scores for r in spatial)
+        inputs = scorer.observe(edited, batch)  # segmented once for metrics and rewards
+        metrics.update(src, edited, batch, inputs.before, inputs.after)
+        reward = scorer.judge(inputs).total
         for task, value in zip(batch["task"], reward.tolist()):
             rewards[task].append(value)
     return metrics.compute(), rewards

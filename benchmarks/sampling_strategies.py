@@ -85,8 +85,8 @@ def evaluate(module, dataset, batch_size: int, seed: int):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     for i, batch in enumerate(loader):
         edits = module.edit(batch["source"], batch["instruction"], seed=seed + i)
-        inputs = module.observe(edits, batch, 1)  # segmented once for reward and accuracy
-        total, _ = module.judge(inputs)
+        inputs = module.scorer.observe(edits, batch)  # segmented once for reward and accuracy
+        total = module.scorer.judge(inputs).total
         ok = geo.translation_success(
             inputs.before, inputs.after, batch["direction"], tuple(batch["source"].shape[-2:])
         )

@@ -87,6 +87,9 @@ class ConstantPolicy(EditPolicy):
     def velocity(self, latents, sigma, condition):
         return torch.full_like(latents, self.c)
 
+    def latent_shape(self, image_size):
+        return (3, *image_size)
+
     def token_grid(self, image_size):
         return image_size
 

@@ -17,11 +17,13 @@ from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import (
     BackgroundReward,
+    EditSpec,
     Reward,
     RewardInputs,
     RewardOutput,
     TranslationReward,
 )
+from lit_grpo.sampling.sde import reduce_log_prob
 
 
 class ConstantReward(Reward):
@@ -93,18 +95,19 @@ def lora_params(module):
 def test_rollout_layout_and_first_ratio_is_exactly_one():
     module = make_module()
     batch = make_batch()
-    rollout = module.rollout(batch, torch.Generator().manual_seed(0))
+    rollout = module.sample(batch, torch.Generator().manual_seed(0))
     # 2 conditions x G=4 rollouts, 3 trained SDE steps (the last of 4 steps is the ODE step)
-    assert rollout.states.shape == (8, 3, 3, 16, 16) and rollout.log_probs.shape == (8, 3)
+    assert rollout.states.shape == (8, 3, 3, 16, 16) and rollout.log_probs().shape == (8, 3)
     assert rollout.images.shape == (8, 3, 16, 16)
     assert torch.equal(rollout.condition.text[0], rollout.condition.text[3])
     assert not torch.equal(rollout.images[0], rollout.images[1])  # the SDE explores
     rows = torch.arange(8)
     adv = torch.randn(8)
     for k in range(3):
-        step, _, _ = module.step_log_prob(rollout, rows, k)  # with grad, as in the update
-        assert torch.equal(step.log_prob.detach(), rollout.log_probs[:, k])
-        _, stats = clipped_policy_loss(step.log_prob, rollout.log_probs[:, k], adv, 2e-4)
+        step = module.sampler.rescore(module.policy, rollout, rows, k)  # with grad, as in update
+        log_prob = reduce_log_prob(step.log_prob, "mean")
+        assert torch.equal(log_prob.detach(), rollout.log_probs()[:, k])
+        _, stats = clipped_policy_loss(log_prob, rollout.log_probs()[:, k], adv, 2e-4)
         assert stats.ratio_mean.item() == 1.0 and stats.clip_fraction.item() == 0.0
 
 
@@ -163,7 +166,8 @@ def test_spatial_rewards_on_exact_edits_and_misses():
         return RewardInputs(
             images,
             batch["source"],
-            batch,
+            batch["instruction"],
+            EditSpec.from_batch(batch),
             seg(batch["source"], batch["object"]),
             seg(images, batch["object"]),
         )
@@ -193,7 +197,8 @@ def test_reward_scores_only_its_task():
         RewardInputs(
             batch["target"],
             batch["source"],
-            batch,
+            batch["instruction"],
+            EditSpec.from_batch(batch),
             seg(batch["source"], batch["object"]),
             seg(batch["target"], batch["object"]),
         )
@@ -286,7 +291,7 @@ class IndexReward(Reward):
     name = "index"
 
     def forward(self, inputs):
-        index = torch.as_tensor(inputs.batch["index"]).float()
+        index = inputs.ids.float()
         place = torch.arange(index.numel()).float() % 4
         return RewardOutput(
             torch.where(index == 0, torch.ones_like(index), torch.sin(7 * index + 3 * place))

@@ -29,7 +29,7 @@ from lit_grpo.metrics import (
 from lit_grpo.metrics.base import select_rows
 from lit_grpo.metrics.lpips import ALEXNET_FILE
 from lit_grpo.perception.segmenters import ColourSegmenter
-from lit_grpo.rewards import RewardInputs, TranslationReward
+from lit_grpo.rewards import EditSpec, RewardInputs, TranslationReward
 
 SEG = ColourSegmenter()
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -154,7 +154,11 @@ def test_the_metrics_measure_what_the_translation_reward_measures():
     ds, batch = _data(16, tasks=("translate",))
     edited = torch.cat([batch["target"][:8], _opposite_moves(ds)[8:]])
     before, after = SEG(batch["source"], batch["object"]), SEG(edited, batch["object"])
-    reward = TranslationReward()(RewardInputs(edited, batch["source"], batch, before, after))
+    reward = TranslationReward()(
+        RewardInputs(
+            edited, batch["source"], batch["instruction"], EditSpec.from_batch(batch), before, after
+        )
+    )
     acc = TranslationAccuracy()
     acc.update(batch["source"], edited, batch, before, after)
     assert acc.compute() == reward.extras["translation_success"].mean() == 0.5

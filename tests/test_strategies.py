@@ -46,7 +46,7 @@ def test_early_exit_rollout_stops_at_k_and_trains_k_steps():
         return velocity(*args, **kw)
 
     module.policy.velocity = counting
-    rollout = module.rollout(make_batch(), torch.Generator().manual_seed(0))
+    rollout = module.sample(make_batch(), torch.Generator().manual_seed(0))
     assert len(calls) == 3  # 2 SDE steps + the shortcut evaluation
-    assert rollout.states.shape[1] == 2 and rollout.log_probs.shape == (8, 2)
+    assert rollout.states.shape[1] == 2 and rollout.log_probs().shape == (8, 2)
     assert rollout.images.min() >= 0 and rollout.images.max() <= 1

@@ -78,17 +78,28 @@ def clipped_policy_loss(
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO/GRPO clipped surrogate: mean(max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e))).
 
-    Any shape works as long as the three inputs broadcast ([N] per rollout, or [N, T] per
-    token for region methods); `weights` (same shape, e.g. a validity mask) makes it a
-    weighted mean. `denominator` replaces sum(weights) as the normaliser: under DDP, pass
+    `log_prob`, `old_log_prob`, `advantages` (and `weights`, if given) must have one shape:
+    [N] per rollout, or [N, T] per token for region methods. A mismatch raises: torch would
+    broadcast an [N] advantage against [N, T] log-probs along the wrong axis. `weights`
+    (e.g. a validity mask) makes it a weighted mean. `denominator` replaces sum(weights) as the normaliser: under DDP, pass
     (valid rows on all ranks) / world so that averaging gradients over ranks gives exactly
     the single-process loss even when ranks hold different numbers of valid rows.
     """
+    shapes = {"log_prob": log_prob.shape, "old_log_prob": old_log_prob.shape}
+    shapes["advantages"] = advantages.shape
+    if weights is not None:
+        shapes["weights"] = weights.shape
+    if len(set(shapes.values())) > 1:
+        raise ValueError(
+            "clipped_policy_loss needs inputs of one shape, got "
+            + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+            + "; expand per-rollout values to per-token ones explicitly"
+        )
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     per_item = torch.maximum(unclipped, clipped)
-    w = torch.ones_like(per_item) if weights is None else weights.to(per_item).expand_as(per_item)
+    w = torch.ones_like(per_item) if weights is None else weights.to(per_item)
     total = w.sum().clamp_min(1e-8)
     norm = total if denominator is None else torch.as_tensor(denominator).to(total).clamp_min(1e-8)
     loss = (per_item * w).sum() / norm
@@ -101,11 +112,18 @@ def clipped_policy_loss(
     return loss, stats
 
 
-def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL between the policy's and the reference's step Gaussians (same std), per sample [N]:
-    mean over elements of (mean - ref_mean)^2 / (2 std^2)."""
+def kl_to_reference(mean: Tensor, ref_mean: Tensor, diffusion: Tensor) -> Tensor:
+    """Flow-GRPO's KL term between the policy's and the reference's step means, per sample [N]:
+    mean over elements of (mean - ref_mean)^2 / (2 diffusion^2).
+
+    `diffusion` is the sigma-level std of the SDE (`SDEStep.diffusion`, `sde_std`), without
+    the sqrt(-dt) factor, as in the Flow-GRPO reference code: beta values carry over from
+    it. The exact Gaussian KL of the step divides by the step's variance
+    (diffusion^2 * (-dt)) instead, i.e. it is this value / (-dt) (10x at 10 uniform steps):
+    a beta tuned on the exact KL converts to this one by multiplying it by 1 / (-dt).
+    """
     sq = ((mean.float() - ref_mean.float()) ** 2).flatten(1).mean(1)
-    return sq / (2 * std.float().flatten() ** 2)
+    return sq / (2 * diffusion.float().flatten() ** 2)
 
 
 def gathered_group_advantages(

@@ -10,7 +10,6 @@ seeded noise and sigmas (comparable across runs) and logs a grid of ODE-sampled 
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,14 +18,14 @@ from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
 from lit_grpo.modules.grids import edit_grid
-from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
+from lit_grpo.modules.stage import PolicyStage
+from lit_grpo.perception.segmenters import Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
-from lit_grpo.policies.weights import policy_checkpoint_entry
 from lit_grpo.sampling import add_noise, randn_like, sample_sigmas, velocity_target
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(PolicyStage):
     """Supervised flow-matching fine-tuning of an `EditPolicy` on (source, instruction, target).
 
     Args:
@@ -56,15 +55,14 @@ class SFTModule(L.LightningModule):
         segmenter: Segmenter | None = None,
         metrics: EditMetrics | None = None,
     ):
-        super().__init__()
+        super().__init__(policy, lora, segmenter, metrics)
         self.save_hyperparameters(ignore=["policy", "segmenter", "metrics"])
-        self.policy = policy
-        if lora is not None:
-            policy.add_lora(lora)
         sample_sigmas(1, kind=sigma_sampling)  # an unknown kind fails at construction
         self._grid_batch: dict | None = None
-        self.segmenter = segmenter or ColourSegmenter()
-        self.edit_metrics = metrics or EditMetrics()
+
+    @property
+    def eval_schedule(self) -> tuple[int, float]:
+        return self.hparams.sample_steps, self.hparams.sample_shift
 
     def flow_matching_loss(
         self, batch: dict, generator: torch.Generator | None = None, sigma: Tensor | None = None
@@ -77,11 +75,6 @@ class SFTModule(L.LightningModule):
             sigma = sample_sigmas(x0.shape[0], generator, self.hparams.sigma_sampling).to(x0)
         v = self.policy.velocity(add_noise(x0, noise, sigma), sigma, cond)
         return F.mse_loss(v.float(), velocity_target(x0, noise).float())
-
-    @property
-    def lora_module(self) -> torch.nn.Module | None:
-        """The module carrying the LoRA adapter (lit_grpo.callbacks.LoraExporter's protocol)."""
-        return self.policy.denoiser if self.hparams.lora is not None else None
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.flow_matching_loss(batch)
@@ -123,20 +116,6 @@ class SFTModule(L.LightningModule):
         edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
         update_edit_metrics(self, batch, edits)
 
-    def on_test_epoch_end(self) -> None:
-        report_edit_metrics(self, "test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """ODE edits [N, 3, H, W] in [0, 1] of the batch's sources and instructions."""
-        return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
-
-    def edit(self, source: Tensor, instructions: list[str], seed: int = 0) -> Tensor:
-        """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler)."""
-        gen = torch.Generator().manual_seed(seed)
-        return self.policy.edit(
-            source, instructions, self.hparams.sample_steps, self.hparams.sample_shift, gen
-        )
-
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -151,8 +130,3 @@ class SFTModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_grpo_policy"] = policy_checkpoint_entry(
-            self.policy, checkpoint["state_dict"]
-        )

@@ -73,6 +73,16 @@ class EditPolicy(nn.Module, ABC):
         """`(latents, sigma) -> velocity` for a fixed condition: what samplers call."""
         return partial(self.velocity, condition=condition)
 
+    # Shapes: what samplers and region methods need to know of the latent space.
+    @abstractmethod
+    def latent_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image of (H, W) pixels."""
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the denoiser takes its latents in (samplers keep their own in float32)."""
+        return next(self.denoiser.parameters()).dtype
+
     @abstractmethod
     def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the latent token grid for an image of (H, W) pixels."""
@@ -87,6 +97,30 @@ class EditPolicy(nn.Module, ABC):
         cover = nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), (rows, cols))
         return cover.flatten(1)
 
+    def tokens_to_pixels(self, values: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Per-token values [N, rows * cols] -> [N, H, W]: each pixel takes its token's value
+        (the inverse direction of `pixel_to_tokens`, for attention maps and token advantages)."""
+        rows, cols = self.token_grid(image_size)
+        grid = values.reshape(values.shape[0], 1, rows, cols).float()
+        return nn.functional.interpolate(grid, size=tuple(image_size), mode="nearest")[:, 0]
+
+    def latent_masks(self, masks: Tensor) -> Tensor:
+        """Pixel masks [N, H, W] -> coverage [N, h, w] at latent resolution (region noise)."""
+        _, h, w = self.latent_shape(tuple(masks.shape[-2:]))
+        return nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), (h, w))[:, 0]
+
+    @contextmanager
+    def capture_attention(self, enabled: bool = True) -> Iterator[list[Tensor]]:
+        """While active, every `velocity` call appends the instruction-to-image attention
+        [N, L, rows, cols] (instruction tokens over the target-image tokens) to the yielded
+        list. `enabled=False` yields an empty list and captures nothing."""
+        if enabled:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not expose attention maps; the attention-based "
+                "rewards need a policy that implements capture_attention"
+            )
+        yield []
+
     # LoRA and the reference view, shared by every backbone through peft.
     @property
     @abstractmethod
@@ -97,6 +131,18 @@ class EditPolicy(nn.Module, ABC):
         """Freeze the policy and attach a trainable LoRA adapter to the denoiser."""
         self.requires_grad_(False)
         add_lora(self.denoiser, settings)
+
+    def prepare_training(self, lora: LoraSettings | None, full: str = "denoiser") -> None:
+        """What a stage trains: a LoRA adapter on the denoiser, or without one every
+        parameter (`full="all"`, SFT from scratch) or the denoiser alone (`"denoiser"`: the
+        condition encoders stay frozen, so an encoding can be reused by the update)."""
+        if lora is not None:
+            self.add_lora(lora)
+        elif full == "denoiser":
+            self.requires_grad_(False)
+            self.denoiser.requires_grad_(True)
+        elif full != "all":
+            raise ValueError(f"full must be 'denoiser' or 'all', got {full!r}")
 
     @property
     def has_lora(self) -> bool:

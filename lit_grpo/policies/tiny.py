@@ -15,7 +15,8 @@ multiple of `patch_size`.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +57,21 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(width // heads)
         self.norm_k = nn.RMSNorm(width // heads)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor, capture=None
+    ) -> Tensor:
         n, t, w = x.shape
         split = lambda y: y.view(n, t, self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
         q = apply_rope(self.norm_q(split(self.to_q(x))), *rope)
         k = apply_rope(self.norm_k(split(self.to_k(x))), *rope)
         v = split(self.to_v(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        mask = key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if capture is not None:  # (list, text tokens L, target tokens T): text -> target map
+            maps, n_text, n_target = capture
+            logits = q[:, :, :n_text] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)[..., -n_target:]
+            maps.append(probs.mean(1))  # [N, L, T], averaged over heads
         return self.to_out(out.transpose(1, 2).reshape(n, t, w))
 
 
@@ -80,12 +89,12 @@ class Block(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: Tensor, c: Tensor, rope, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope, key_mask: Tensor, capture=None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(
             6, -1
         )
         h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + gate1 * self.attn(h, rope, key_mask)
+        x = x + gate1 * self.attn(h, rope, key_mask, capture)
         h = self.norm2(x) * (1 + scale2) + shift2
         return x + gate2 * self.ff_out(F.gelu(self.ff_in(h), approximate="tanh"))
 
@@ -124,6 +133,7 @@ class TinyEditTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.width, self.heads = width, heads
+        self.attention_maps: list[Tensor] | None = None  # set by TinyEditPolicy.capture_attention
 
     def patchify(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -154,8 +164,13 @@ class TinyEditTransformer(nn.Module):
 
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         cond = self.time_mlp(timestep_embedding(sigma, self.width)) + self.pooled_text(pooled)
+        layers = [] if self.attention_maps is not None else None
+        capture = None if layers is None else (layers, text.shape[1], rows * cols)
         for block in self.blocks:
-            tokens = block(tokens, cond, rope, key_mask)
+            tokens = block(tokens, cond, rope, key_mask, capture)
+        if layers is not None:  # [N, L, rows, cols], averaged over the layers
+            maps = torch.stack(layers).mean(0) * text_mask[..., None]
+            self.attention_maps.append(maps.view(n, -1, rows, cols))
         shift, scale = self.modulation_out(F.silu(cond))[:, None].chunk(2, -1)
         out = self.proj_out(self.norm_out(tokens[:, -rows * cols :]) * (1 + scale) + shift)
         return self.unpatchify(out, h, w)
@@ -232,6 +247,24 @@ class TinyEditPolicy(EditPolicy):
     def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         p = self.transformer.patch_size
         return image_size[0] // p, image_size[1] // p
+
+    def latent_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
+        return (3, *image_size)  # pixel space: the latent is the image, rescaled to [-1, 1]
+
+    @contextmanager
+    def capture_attention(self, enabled: bool = True) -> Iterator[list[Tensor]]:
+        """Per velocity call: the instruction tokens' attention over the target-image tokens
+        [N, L, rows, cols] (softmax over every key, target columns kept; heads and layers
+        averaged; padding rows 0)."""
+        if not enabled:
+            yield []
+            return
+        maps: list[Tensor] = []
+        self.transformer.attention_maps = maps
+        try:
+            yield maps
+        finally:
+            self.transformer.attention_maps = None
 
     def _check_size(self, images: Tensor) -> None:
         p = self.transformer.patch_size

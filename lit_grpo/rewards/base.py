@@ -1,14 +1,20 @@
 """The one reward contract.
 
 Every reward is a callable `reward(inputs) -> RewardOutput` over a `RewardInputs` built once
-per rollout batch: decoded images in the agreed format (float [N, 3, H, W] in [0, 1]), the
-batch's condition fields repeated per rollout, and the segmenter's detections of the named
-object in the source and in the edit (segmented once, shared by every reward). A reward
-returns scores [N] (NaN marks a sample it cannot score; the GRPO stage drops those) plus
-optional named sub-scores for logging. Rewards are frozen judges: no gradients, no state.
+per rollout batch (`lit_grpo.rewards.scoring.Scorer.observe`). A reward sees what a reward
+on real images could see: the decoded edits in the agreed format (float [N, 3, H, W] in
+[0, 1]), their source images, the instructions and their parsed `EditSpec` (task, object,
+direction / angle / factor), and the segmenter's detections of the named object in the
+source and in the edit (segmented once, shared by every reward). It never sees the
+ground-truth target, masks or boxes: those stay with the evaluation metrics.
+
+A reward returns scores [N] (NaN marks a sample it cannot score; the GRPO stage drops
+those), optional named sub-scores for logging, and, for region methods, optional scores
+per region [N, R] with the regions' names. Rewards are frozen judges: no gradients, no state.
 """
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -17,29 +23,80 @@ from lit_grpo.perception.detections import Detections
 
 
 @dataclass
+class EditSpec:
+    """What an instruction asks for, one row per edit.
+
+    task: "translate" | "rotate" | "scale" per row; object: the phrase naming the object;
+    direction: [N, 2] unit (dx, dy) in image axes (y down), 0 for other tasks;
+    angle: [N] signed degrees, + = counter-clockwise as seen; factor: [N] linear size factor.
+    """
+
+    task: list[str]
+    object: list[str]
+    direction: Tensor
+    angle: Tensor
+    factor: Tensor
+
+    FIELDS = ("task", "object", "direction", "angle", "factor")
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "EditSpec":
+        """The spec fields of a data batch (ShapeWorld's, or any datamodule that parses its
+        instructions into them); every other key of the batch is left behind."""
+        missing = [k for k in cls.FIELDS if k not in batch]
+        if missing:
+            raise KeyError(f"the batch has no edit-spec field(s) {missing}; rewards need them")
+        return cls(
+            task=list(batch["task"]),
+            object=list(batch["object"]),
+            direction=torch.as_tensor(batch["direction"]).float(),
+            angle=torch.as_tensor(batch["angle"]).float(),
+            factor=torch.as_tensor(batch["factor"]).float(),
+        )
+
+    def repeat_interleave(self, repeats: int) -> "EditSpec":
+        """Each row `repeats` times in a row (the layout of a rollout group)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value.repeat_interleave(repeats, 0)
+            else:
+                out[f.name] = [v for v in value for _ in range(repeats)]
+        return replace(self, **out)
+
+
+@dataclass
 class RewardInputs:
-    """images, source: [N, 3, H, W] in [0, 1]; batch: the condition fields, one row per rollout
-    (task, object, direction [N, 2], angle [N], factor [N], ...); before / after: detections
-    of the object in source and edit."""
+    """images, source: [N, 3, H, W] in [0, 1]; instructions: N strings; spec: their parsed
+    `EditSpec`; before / after: detections of the object in source and edit; ids: [N]
+    sample identifiers of the rows (for logging; not ground truth), or None."""
 
     images: Tensor
     source: Tensor
-    batch: dict
+    instructions: Sequence[str]
+    spec: EditSpec
     before: Detections
     after: Detections
+    ids: Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.images.shape[-2:])
 
     def task_is(self, task: str) -> Tensor:
-        return torch.tensor([t == task for t in self.batch["task"]], device=self.images.device)
+        return torch.tensor([t == task for t in self.spec.task], device=self.images.device)
 
 
 @dataclass
 class RewardOutput:
-    scores: Tensor  # [N]
-    extras: dict[str, Tensor] = field(default_factory=dict)  # named [N] sub-scores for logging
+    """scores [N]; extras: named [N] sub-scores for logging; regions: optional [N, R] scores
+    per region, named by `region_names` (region-level methods)."""
+
+    scores: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    regions: Tensor | None = None
+    region_names: tuple[str, ...] = ()
 
 
 class Reward(nn.Module):

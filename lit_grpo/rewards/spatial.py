@@ -32,7 +32,7 @@ class TranslationReward(Reward):
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         d = geo.displacement(inputs.before, inputs.after, inputs.image_size)  # [N, 2]
-        direction = inputs.batch["direction"].float()
+        direction = inputs.spec.direction.float()
         along = (d * direction).sum(-1) / self.move_fraction
         across = (d * direction.flip(-1)).sum(-1).abs() / self.move_fraction
         score = along.clamp(-1, 1) - self.across_penalty * across.clamp(0, 1)
@@ -52,7 +52,7 @@ class RotationReward(Reward):
     name = "rotation"
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
-        err = geo.rotation_error(inputs.before, inputs.after, inputs.batch["angle"])
+        err = geo.rotation_error(inputs.before, inputs.after, inputs.spec.angle)
         score = torch.nan_to_num(1 - err / 180.0, nan=0.0)
         return RewardOutput(
             torch.where(inputs.task_is("rotate"), score, torch.zeros_like(score)),
@@ -66,7 +66,7 @@ class ScaleReward(Reward):
     name = "scale"
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
-        err = geo.scale_error(inputs.before, inputs.after, inputs.batch["factor"])
+        err = geo.scale_error(inputs.before, inputs.after, inputs.spec.factor)
         score = torch.nan_to_num(torch.exp(-err), nan=0.0)
         return RewardOutput(torch.where(inputs.task_is("scale"), score, torch.zeros_like(score)))
 

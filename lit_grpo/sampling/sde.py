@@ -13,6 +13,10 @@ Reduction is a named choice: "mean" over the non-batch dimensions is what the Fl
 reference code does (its clip range is tuned to it), "sum" is the exact joint density,
 "none" keeps the per-element terms that region methods weight by token.
 The last step (sigma_next = 0) has a degenerate Gaussian and is never trained.
+
+The sample comes back in float32 whatever the dtype of x: a rollout stores exactly the
+transition its log-probability scored, so with bf16 latents the first ratio is still 1
+(casting it back to bf16 moved it by up to 7e-5, a third of Talk2Move's clip range).
 """
 
 import math
@@ -28,13 +32,15 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass
 class SDEStep:
-    """sample: x_next [N, ...]; mean [N, ...]; std: the per-sample std of x_next [N];
-    log_prob: [N] (reduced) or [N, ...] (reduction "none")."""
+    """sample: x_next [N, ...] (float32); mean [N, ...]; std: the per-sample std of x_next
+    [N] (`diffusion * sqrt(-dt)`); diffusion: the sigma-level std [N] (`sde_std`, the
+    denominator of Flow-GRPO's KL); log_prob: [N] (reduced) or [N, ...] (reduction "none")."""
 
     sample: Tensor
     mean: Tensor
     std: Tensor
     log_prob: Tensor
+    diffusion: Tensor
 
 
 def sde_std(
@@ -92,8 +98,17 @@ def sde_step(
     log_prob = (
         -((sample - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
     )
+    return SDEStep(
+        sample, mean, scale.flatten(), reduce_log_prob(log_prob, reduction), std.flatten()
+    )
+
+
+def reduce_log_prob(elements: Tensor, reduction: str = "mean") -> Tensor:
+    """Per-element log-probs [N, ...] -> [N] ("mean", "sum") or unchanged ("none")."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if reduction == "mean":
-        log_prob = log_prob.flatten(1).mean(1)
-    elif reduction == "sum":
-        log_prob = log_prob.flatten(1).sum(1)
-    return SDEStep(sample.to(x.dtype), mean, scale.flatten(), log_prob)
+        return elements.flatten(1).mean(1)
+    if reduction == "sum":
+        return elements.flatten(1).sum(1)
+    return elements

@@ -1,0 +1,136 @@
+"""The GRPO update: inner epochs x minibatches x trained steps over one rollout record.
+
+For each minibatch of rows and each stored step k, the sampler rescores the recorded
+transition under the current policy; the clipped ratio loss (plus beta x the KL to the
+reference, the adapter-off view) is backpropagated per step, and the optimiser steps once
+per minibatch after gradient clipping. `step_loss` is the one method a region method
+overrides (per-token advantages and weights instead of per-rollout ones).
+
+Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`, `clip_gradients`,
+`block_backward_sync`) come from the module passed in; the update holds only its settings.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
+from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
+from lit_grpo.sampling.sde import reduce_log_prob
+
+
+@dataclass(frozen=True)
+class PolicyTargets:
+    """What the update trains towards, this rank's rows: advantages [N] (0 where not valid),
+    valid [N] bool, and the loss denominator (valid rows of all ranks per minibatch and rank,
+    so DDP's gradient average equals the single-process loss)."""
+
+    advantages: Tensor
+    valid: Tensor
+    denominator: float
+
+
+class ClippedUpdate:
+    """Flow-GRPO's policy update (see module docstring).
+
+    Args:
+        clip_range: PPO clip epsilon (Talk2Move: 2e-4).
+        kl_beta: weight of the KL to the reference, on Flow-GRPO's scale (see `kl_to_reference`).
+        inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
+        max_grad_norm: gradient clipping (L2 norm).
+    """
+
+    def __init__(
+        self,
+        clip_range: float = 2e-4,
+        kl_beta: float = 0.0,
+        inner_epochs: int = 1,
+        minibatches: int = 1,
+        max_grad_norm: float = 1.0,
+    ):
+        if inner_epochs < 1 or minibatches < 1:
+            raise ValueError(
+                f"inner_epochs and minibatches must be >= 1, got {inner_epochs}, {minibatches}"
+            )
+        self.clip_range, self.kl_beta = clip_range, kl_beta
+        self.inner_epochs, self.minibatches = inner_epochs, minibatches
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(
+        self,
+        module: L.LightningModule,
+        sampler: RolloutSampler,
+        record: RolloutRecord,
+        targets: PolicyTargets,
+    ) -> dict[str, float]:
+        opt, sched = module.optimizers(), module.lr_schedulers()
+        n, num_steps = len(record), record.num_trained_steps
+        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
+        count, norms = 0, []
+        sync_block = getattr(module.trainer.strategy, "block_backward_sync", nullcontext)
+        for _ in range(self.inner_epochs):
+            order = (
+                torch.randperm(n, device=module.device)
+                if self.minibatches > 1
+                else torch.arange(n, device=module.device)
+            )
+            for rows in order.chunk(self.minibatches):
+                opt.zero_grad(set_to_none=True)
+                for k in range(num_steps):
+                    # all-reduce the gradients once per minibatch, on its last step
+                    with sync_block() if k < num_steps - 1 else nullcontext():
+                        loss, stats = self.step_loss(module, sampler, record, targets, rows, k)
+                        module.manual_backward(loss / num_steps)
+                    for key, value in stats.items():  # .item(): the update is not in a graph
+                        totals[key] += value.item()
+                    count += 1
+                norms.append(_grad_norm(module))
+                module.clip_gradients(
+                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+                opt.step()
+                sched.step()
+        out = {k: v / max(count, 1) for k, v in totals.items()}
+        out["grad_norm"] = sum(norms) / max(len(norms), 1)
+        return out
+
+    def step_loss(
+        self,
+        module: L.LightningModule,
+        sampler: RolloutSampler,
+        record: RolloutRecord,
+        targets: PolicyTargets,
+        rows: Tensor,
+        k: int,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of stored step k on `rows` (with grad) and its statistics."""
+        step = sampler.rescore(module.policy, record, rows, k)
+        log_prob = reduce_log_prob(step.log_prob, "mean")  # [n]: Flow-GRPO's per-sample mean
+        old = record.step_log_prob(k, "mean", rows)  # [n]
+        weights = targets.valid[rows].float()
+        loss, s = clipped_policy_loss(
+            log_prob, old, targets.advantages[rows], self.clip_range, weights, targets.denominator
+        )
+        stats = {
+            "loss": loss.detach(),
+            "approx_kl": s.approx_kl,
+            "clip_fraction": s.clip_fraction,
+            "ratio": s.ratio_mean,
+        }
+        if self.kl_beta > 0:
+            with torch.no_grad(), module.policy.reference():
+                ref = sampler.rescore(module.policy, record, rows, k)
+            kl = kl_to_reference(step.mean, ref.mean, step.diffusion)  # [n]
+            kl = (kl * weights).sum() / targets.denominator
+            loss = loss + self.kl_beta * kl
+            stats["loss"] = loss.detach()
+            stats["kl"] = kl.detach()
+        return loss, stats
+
+
+def _grad_norm(module: L.LightningModule) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0

@@ -1,0 +1,82 @@
+"""Scoring a batch of edits: segment once, run every reward, sum them with their weights.
+
+`Scorer.observe` builds the `RewardInputs` (the object segmented once per source and once
+per edit; the batch reduced to what a reward may see); `Scorer.judge` runs the rewards,
+checks each returns the contract's shapes, and adds them up. The GRPO stages and the
+benchmarks score through this one piece.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
+from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs
+
+
+@dataclass
+class Scores:
+    """total: [N] weighted sum (NaN where a reward could not score); parts: every reward's
+    and sub-score's [N] values by name (for logging); regions: the region scores [N, R]
+    of the rewards that return them, by reward name."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+    regions: dict[str, Tensor]
+
+
+class Scorer(nn.Module):
+    """The rewards and the segmenter they share (frozen judges)."""
+
+    def __init__(self, rewards: list[Reward], segmenter: Segmenter | None = None):
+        super().__init__()
+        if not rewards:
+            raise ValueError("scoring needs at least one reward")
+        self.rewards = nn.ModuleList(rewards)
+        self.segmenter = segmenter or ColourSegmenter()
+
+    @torch.no_grad()
+    def observe(self, images: Tensor, batch: dict, repeats: int = 1) -> RewardInputs:
+        """What the rewards see of `images` [B * repeats, 3, H, W], the edits of the batch's
+        B conditions (each `repeats` times in a row)."""
+        spec = EditSpec.from_batch(batch).repeat_interleave(repeats)
+        before = self.segmenter(batch["source"], batch["object"])
+        ids = batch.get("index")
+        return RewardInputs(
+            images=images,
+            source=batch["source"].repeat_interleave(repeats, 0),
+            instructions=[t for t in batch["instruction"] for _ in range(repeats)],
+            spec=spec,
+            before=before.repeat_interleave(repeats),
+            after=self.segmenter(images, spec.object),
+            ids=None if ids is None else torch.as_tensor(ids).repeat_interleave(repeats),
+        )
+
+    @torch.no_grad()
+    def judge(self, inputs: RewardInputs) -> Scores:
+        n = inputs.images.shape[0]
+        total = torch.zeros(n, device=inputs.images.device)
+        parts = {"object_found": inputs.after.found.float()}
+        regions = {}
+        for reward in self.rewards:
+            out = reward(inputs)
+            if out.scores.shape != (n,):
+                raise ValueError(
+                    f"reward {reward.name!r} returned scores of shape {tuple(out.scores.shape)}"
+                    f"; the contract is [N] = ({n},)"
+                )
+            total = total + reward.weight * out.scores.float()
+            parts[reward.name] = out.scores.float()
+            parts.update(out.extras)
+            if out.regions is not None:
+                if out.regions.shape[0] != n or len(out.region_names) != out.regions.shape[1]:
+                    raise ValueError(
+                        f"reward {reward.name!r} returned regions {tuple(out.regions.shape)} "
+                        f"named {out.region_names}; the contract is [N, R] with R names"
+                    )
+                regions[reward.name] = out.regions.float()
+        return Scores(total, parts, regions)
+
+    def forward(self, images: Tensor, batch: dict, repeats: int = 1) -> Scores:
+        return self.judge(self.observe(images, batch, repeats))
