@@ -31,11 +31,26 @@ def displacement(before: Detections, after: Detections, image_size: tuple[int, i
     return torch.where(_both(before, after)[:, None], d, torch.full_like(d, float("nan")))
 
 
+def along_across(d: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """Components of displacements d [N, 2] along `direction` [N, 2] (signed) and across it
+    (unsigned, the sideways drift), each [N], in d's units.
+
+    The direction is normalised first, so any non-zero vector works; a zero direction (the
+    rows of other tasks) gives 0 and 0. across = |d x u| = |d_x u_y - d_y u_x|, perpendicular
+    for every direction (the swapped vector (u_y, u_x) is perpendicular only on the axes).
+    """
+    u = direction.float()
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    along = (d * u).sum(-1)
+    across = (d[..., 0] * u[..., 1] - d[..., 1] * u[..., 0]).abs()
+    return along, across
+
+
 def translation_distance(
     before: Detections, after: Detections, direction: Tensor, image_size: tuple[int, int]
 ) -> Tensor:
-    """Displacement along the instructed unit direction [N, 2], in image sides (signed) [N]."""
-    return (displacement(before, after, image_size) * direction.float()).sum(-1)
+    """Displacement along the instructed direction [N, 2], in image sides (signed) [N]."""
+    return along_across(displacement(before, after, image_size), direction)[0]
 
 
 def translation_success(
@@ -46,9 +61,7 @@ def translation_success(
     min_move: float = 0.05,
 ) -> Tensor:
     """1.0 where the object moved the instructed way (see module docstring), 0.0 else, NaN if missed."""
-    d = displacement(before, after, image_size)
-    along = (d * direction.float()).sum(-1)
-    across = (d * direction.float().flip(-1)).sum(-1).abs()  # perpendicular component
+    along, across = along_across(displacement(before, after, image_size), direction)
     ok = ((along > min_move) & (along > across)).float()
     return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
 
