@@ -1,17 +1,20 @@
-"""Talk2Move's edit metrics, on the measurements the spatial rewards use (`lit_grpo.perception.geometry`).
+"""Edit metrics, on the measurements the spatial rewards use (`lit_grpo.perception.geometry`).
 
-Each is the mean over the edits of its task (see `base.EditMetric` for the update contract and
-DDP). Definitions, with a missed object (not found in the source or the edit) a failure:
+Talk2Move names the metrics Trans. Dist., Acc., Rot. Err. and L1 but does not give the
+thresholds below; they and the units are our choices. Each is the mean over the edits of its task (see
+`base.EditMetric` for the update contract and DDP), with a missed object (not found in the
+source or the edit) a failure:
 
 - TranslationDistance: centre displacement along the instructed direction, in image sides
-  (Talk2Move's Trans. Dist.); a miss scores 0.
-- TranslationAccuracy: `geometry.translation_success`: moved the instructed way by more than
-  `min_move` of the side, and more along the instructed axis than across it (GenEval's rule).
-- RotationError: |achieved - instructed rotation| as a fraction of 180 deg (Talk2Move's Rot.
-  Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
-- RotationAccuracy: rotation error <= `max_degrees`.
-- ScaleAccuracy: |log(achieved size ratio / instructed factor)| <= `max_log_error` (0.15: the
-  ratio within about 15 % of the factor, symmetric for growing and shrinking).
+  (our units for Talk2Move's Trans. Dist.); a miss scores 0.
+- TranslationAccuracy: `geometry.translation_success`, our rule: moved the instructed way by
+  more than `min_move` (5 %) of the side, and more along the instructed direction than
+  across it.
+- RotationError: |achieved - instructed rotation| as a fraction of 180 deg (our scale for
+  Talk2Move's Rot. Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
+- RotationAccuracy: rotation error <= `max_degrees` (20, our threshold).
+- ScaleAccuracy: |log(achieved size ratio / instructed factor)| <= `max_log_error` (0.15, our
+  threshold: the ratio within about 15 % of the factor, symmetric for growing and shrinking).
 - BackgroundL1: mean |edit - source| outside the object's ground-truth regions before and
   after the edit (batch["mask_before"], batch["mask_after"], grown by `dilate` px). Unlike
   `BackgroundReward`, which must use the segmenter's masks, the metric uses the true regions,
@@ -47,7 +50,7 @@ class TranslationDistance(EditMetric):
 
 
 class TranslationAccuracy(EditMetric):
-    """Fraction of translations that moved the instructed way (see module docstring)."""
+    """Fraction of translations that moved the instructed way, by our rule (module docstring)."""
 
     task = "translate"
     higher_is_better = True
@@ -78,7 +81,7 @@ class RotationError(EditMetric):
 
 
 class RotationAccuracy(EditMetric):
-    """Fraction of rotations within `max_degrees` of the instructed angle."""
+    """Fraction of rotations within `max_degrees` (our threshold) of the instructed angle."""
 
     task = "rotate"
     higher_is_better = True
@@ -93,7 +96,8 @@ class RotationAccuracy(EditMetric):
 
 
 class ScaleAccuracy(EditMetric):
-    """Fraction of scalings whose size ratio is within `max_log_error` (log) of the factor."""
+    """Fraction of scalings whose size ratio is within `max_log_error` (log; our threshold) of
+    the factor."""
 
     task = "scale"
     higher_is_better = True

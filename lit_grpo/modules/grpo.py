@@ -69,7 +69,7 @@ class GRPOModule(L.LightningModule):
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warm-up, clipping.
         eval_steps: ODE steps for validation edits.
         grid_size: validation edits in the logged image grid.
-        metrics: Talk2Move's edit metrics for validation and test (`EditMetrics()`, the
+        metrics: the edit metrics for validation and test (`EditMetrics()`, the
             spatial ones and background L1, by default; add LPIPS / CLIP there).
     """
 

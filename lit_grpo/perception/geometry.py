@@ -4,11 +4,13 @@ Inputs are segmenter `Detections` of the named object in the source and in the e
 Everything returns per-sample tensors [N] with NaN where the object was not found in either
 image, so callers decide what a miss is worth (the lowest reward; a failed metric).
 
-Talk2Move's definitions, on our conventions (pixels, y down, angles ccw as seen):
-- translation distance: centre displacement projected on the instructed direction, as a
-  fraction of the image side (GenEval-style relative displacement);
-- translation success: moved the instructed way by more than `min_move` of the side, and
-  more along the instructed axis than across it (the GenEval relation holds);
+Our definitions, on our conventions (pixels, y down, angles ccw as seen). Talk2Move names
+its metrics (Trans. Dist., Acc., Rot. Err., L1) but does not give these thresholds; they and
+the units are our choices:
+- translation distance: centre displacement along the instructed direction, as a fraction
+  of the image side;
+- translation success: moved the instructed way by more than `min_move` (5 %) of the side,
+  and more along the instructed direction than across it (within 45 deg of it);
 - rotation error: |wrapped(angle_after - angle_before - instructed)| in degrees;
 - scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
 """
@@ -60,7 +62,8 @@ def translation_success(
     image_size: tuple[int, int],
     min_move: float = 0.05,
 ) -> Tensor:
-    """1.0 where the object moved the instructed way (see module docstring), 0.0 else, NaN if missed."""
+    """1.0 where the object moved more than `min_move` image sides along the instructed
+    direction and more along it than across it (our rule), 0.0 else, NaN if missed."""
     along, across = along_across(displacement(before, after, image_size), direction)
     ok = ((along > min_move) & (along > across)).float()
     return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
