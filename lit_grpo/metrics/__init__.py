@@ -13,6 +13,7 @@ from lit_grpo.metrics.lpips import LPIPS, alexnet_weights
 from lit_grpo.metrics.spatial import (
     BackgroundL1,
     EditCount,
+    GenEvalTranslationAccuracy,
     ObjectFound,
     RotationAccuracy,
     RotationError,
@@ -27,6 +28,7 @@ __all__ = [
     "EditCount",
     "EditMetric",
     "EditMetrics",
+    "GenEvalTranslationAccuracy",
     "LPIPS",
     "ObjectFound",
     "RotationAccuracy",

@@ -30,6 +30,7 @@ from lit_grpo.metrics.lpips import LPIPS
 from lit_grpo.metrics.spatial import (
     BackgroundL1,
     EditCount,
+    GenEvalTranslationAccuracy,
     ObjectFound,
     RotationAccuracy,
     RotationError,
@@ -46,6 +47,7 @@ COLUMNS = (
     ("found", "found", "{:.3f}"),
     ("distance", "distance", "{:+.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("geneval_accuracy", "GenEval acc.", "{:.3f}"),
     ("rotation_error", "rot. error", "{:.3f}"),
     ("background_l1", "bg L1", "{:.4f}"),
     ("lpips", "LPIPS", "{:.4f}"),
@@ -74,7 +76,7 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 class EditMetrics(nn.Module):
     """One `MetricCollection` per task: n, found, background L1 and the task's own metrics
-    (translate: distance, accuracy; rotate: rotation error, accuracy; scale: accuracy), plus
+    (translate: distance, accuracy, GenEval's accuracy; rotate: rotation error, accuracy; scale: accuracy), plus
     LPIPS and CLIP score when given.
 
     Args:
@@ -107,6 +109,7 @@ class EditMetrics(nn.Module):
             "translate": {
                 "distance": TranslationDistance(),
                 "accuracy": TranslationAccuracy(min_move),
+                "geneval_accuracy": GenEvalTranslationAccuracy(),
             },
             "rotate": {
                 "rotation_error": RotationError(rotation_degrees),

@@ -10,6 +10,9 @@ source or the edit) a failure:
 - TranslationAccuracy: `geometry.translation_success`, our rule: moved the instructed way by
   more than `min_move` (5 %) of the side, and more along the instructed direction than
   across it.
+- GenEvalTranslationAccuracy: `geometry.geneval_relation`, GenEval's relative-position rule
+  (djghosh13/geneval, evaluation/evaluate_images.py, `relative_position`) between the
+  object's box after and before the edit, for comparison with other work.
 - RotationError: |achieved - instructed rotation| as a fraction of 180 deg (our scale for
   Talk2Move's Rot. Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
 - RotationAccuracy: rotation error <= `max_degrees` (20, our threshold).
@@ -62,6 +65,29 @@ class TranslationAccuracy(EditMetric):
     def values(self, source, edited, batch, before, after) -> Tensor:
         d = batch["direction"]
         return geo.translation_success(before, after, d, _size(edited), self.min_move)
+
+
+class GenEvalTranslationAccuracy(EditMetric):
+    """Fraction of translations after which the object's box is in GenEval's relation to its
+    source box in the instructed direction ("moved left": "left of" its old box).
+
+    GenEval's `relative_position` rule, as `geometry.geneval_relation` documents it: box
+    centres, a per-axis margin of `position_threshold` x the two boxes' sizes, the shrunk
+    offset over the offset's norm above 0.5 along the axis. Unlike `TranslationAccuracy`
+    (ours: more than 5 % of the side, within 45 deg), it has no minimum move in image sides
+    but asks a move of more than 0.4 of the object's size, and it accepts up to 60 deg off
+    the axis. Directions must be the four axes.
+    """
+
+    task = "translate"
+    higher_is_better = True
+
+    def __init__(self, position_threshold: float = geo.GENEVAL_POSITION_THRESHOLD) -> None:
+        super().__init__()
+        self.position_threshold = position_threshold
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        return geo.geneval_relation(before, after, batch["direction"], self.position_threshold)
 
 
 class RotationError(EditMetric):

@@ -13,6 +13,8 @@ the units are our choices:
   and more along the instructed direction than across it (within 45 deg of it);
 - rotation error: |wrapped(angle_after - angle_before - instructed)| in degrees;
 - scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
+
+Beside them, `geneval_relation` is GenEval's relative-position rule, as its code writes it.
 """
 
 import torch
@@ -66,6 +68,54 @@ def translation_success(
     direction and more along it than across it (our rule), 0.0 else, NaN if missed."""
     along, across = along_across(displacement(before, after, image_size), direction)
     ok = ((along > min_move) & (along > across)).float()
+    return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
+
+
+GENEVAL_POSITION_THRESHOLD = 0.1  # GenEval's default `position_threshold` option
+
+
+def geneval_relation(
+    before: Detections,
+    after: Detections,
+    direction: Tensor,
+    position_threshold: float = GENEVAL_POSITION_THRESHOLD,
+) -> Tensor:
+    """1.0 where the edited object's box stands in GenEval's relation to its source box in the
+    instructed direction ("moved left": the after box is "left of" the before box), 0.0 else,
+    NaN if missed. `direction` [N, 2] must be an axis: (-1, 0) left, (1, 0) right, (0, -1) up
+    ("above"), (0, 1) down ("below").
+
+    GenEval's rule (djghosh13/geneval, evaluation/evaluate_images.py, `relative_position(obj_a,
+    obj_b)`, A = after, B = before): from the boxes' centres and sizes (w, h), the offset
+    o = centre_a - centre_b shrinks per axis by `position_threshold` x (size_a + size_b),
+    r = sign(o) max(|o| - t (size_a + size_b), 0) with t = 0.1; if every |r| < 1e-3 px there is no
+    relation; else r / |o| (the norm of the unshrunk offset) has to exceed 0.5 along the axis
+    (strictly). With no margin that is a cone of 60 deg either side of the axis; the margin
+    narrows it, and for one object of size w moved straight along the axis by m it asks
+    (m - 0.2 w) / m > 0.5, i.e. m > 0.4 w. Several relations can hold at once (a diagonal
+    move can be both "left of" and "above").
+
+    Where it differs from our `translation_success`: boxes rather than mask centroids; no
+    minimum move in image sides but a margin in object sizes (a large object must move
+    further, a small one may move less than 5 % of the side); a 60 deg cone rather than our
+    45 deg (along > across); in pixels, so on a non-square image the cone is the pixels',
+    not the image sides'. Only the four axis directions exist in GenEval.
+    """
+    u = direction.float()
+    axis = ((u.abs() == 1).sum(-1) == 1) & ((u == 0).sum(-1) == 1)
+    if not axis.all():
+        i = int((~axis).nonzero()[0])
+        raise ValueError(
+            f"geneval_relation: GenEval's relations are left of / right of / above / below, so "
+            f"a direction must be (+-1, 0) or (0, +-1); row {i} is ({u[i, 0]:g}, {u[i, 1]:g})"
+        )
+    a, b = after.box.float(), before.box.float()
+    size = (a[:, 2:] - a[:, :2]).abs() + (b[:, 2:] - b[:, :2]).abs()  # [N, 2] (w_a + w_b, ...)
+    offset = (a[:, :2] + a[:, 2:]) / 2 - (b[:, :2] + b[:, 2:]) / 2  # box centres [N, 2] px
+    revised = (offset.abs() - position_threshold * size).clamp_min(0) * offset.sign()
+    apart = (revised.abs() >= 1e-3).any(-1)
+    unit = revised / offset.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # |o| >= 1e-3 if apart
+    ok = (apart & ((unit * u).sum(-1) > 0.5)).float()
     return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
 
 
