@@ -79,14 +79,22 @@ def test_the_target_as_the_edit_scores_perfectly():
     # every move is move_fraction of the side; centres are sub-pixel exact
     assert r["translate"]["distance"] == pytest.approx(ds.move_fraction, abs=0.01)
     assert r["rotate"]["rotation_error"] < 3 / 180
-    assert set(r["translate"]) == {"n", "found", "distance", "accuracy", "background_l1"}
+    assert r["translate"]["geneval_accuracy"] == 1.0
+    assert set(r["translate"]) == {
+        "n",
+        "found",
+        "distance",
+        "accuracy",
+        "geneval_accuracy",
+        "background_l1",
+    }
     assert set(r["scale"]) == {"n", "found", "accuracy", "background_l1"}
 
 
 def test_a_move_the_wrong_way_scores_zero_accuracy_and_a_negative_distance():
     ds, batch = _data(16, tasks=("translate",))
     r = _scores(_opposite_moves(ds), batch)["translate"]
-    assert r["accuracy"] == 0.0
+    assert r["accuracy"] == 0.0 and r["geneval_accuracy"] == 0.0
     assert r["distance"] < -0.8 * ds.move_fraction  # about -1 move, less where it left the frame
     assert r["background_l1"] > 0.0  # the object now covers background
 
@@ -174,6 +182,8 @@ def test_format_table_shows_each_task_with_dashes_where_a_column_does_not_apply(
         "found",
         "distance",
         "accuracy",
+        "GenEval",
+        "acc.",
         "rot.",
         "error",
         "bg",
@@ -181,15 +191,16 @@ def test_format_table_shows_each_task_with_dashes_where_a_column_does_not_apply(
     ]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(rows) == {"translate", "scale"}  # rotate was not asked for
-    assert rows["translate"][1:7] == [
+    assert rows["translate"][1:8] == [
         str(batch["task"].count("translate")),
         "1.000",
         "+0.250",
         "1.000",
+        "1.000",
         "-",
         "0.0000",
     ]
-    assert rows["scale"][3] == "-" and rows["scale"][5] == "-"
+    assert rows["scale"][3] == "-" and rows["scale"][5] == "-" and rows["scale"][6] == "-"
     assert "LPIPS" not in lines[0] and "CLIP" not in lines[0]
 
 

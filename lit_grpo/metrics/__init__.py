@@ -1,4 +1,5 @@
-"""Edit metrics as torchmetrics `Metric`s (Talk2Move's table), DDP-correct.
+"""Edit metrics as torchmetrics `Metric`s, DDP-correct: Talk2Move's metric names, our
+thresholds and units (`lit_grpo.metrics.spatial`).
 
 The spatial metrics compute through `lit_grpo.perception.geometry`, the measurements the spatial rewards
 use. `EditMetrics` routes each edit to its task's metrics and prints the table. open_clip is
@@ -12,6 +13,7 @@ from lit_grpo.metrics.lpips import LPIPS, alexnet_weights
 from lit_grpo.metrics.spatial import (
     BackgroundL1,
     EditCount,
+    GenEvalTranslationAccuracy,
     ObjectFound,
     RotationAccuracy,
     RotationError,
@@ -26,6 +28,7 @@ __all__ = [
     "EditCount",
     "EditMetric",
     "EditMetrics",
+    "GenEvalTranslationAccuracy",
     "LPIPS",
     "ObjectFound",
     "RotationAccuracy",

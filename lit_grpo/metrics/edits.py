@@ -1,4 +1,7 @@
-"""Talk2Move's results table: per task, the spatial metrics plus scene preservation.
+"""The results table: per task, the spatial metrics plus scene preservation.
+
+The columns carry Talk2Move's metric names (Trans. Dist., Acc., Rot. Err., L1); thresholds
+and units are ours (`lit_grpo.metrics.spatial`).
 
 A LightningModule owns one `EditMetrics`, feeds it every validation/test batch and reads the
 table at the end of the epoch:
@@ -27,6 +30,7 @@ from lit_grpo.metrics.lpips import LPIPS
 from lit_grpo.metrics.spatial import (
     BackgroundL1,
     EditCount,
+    GenEvalTranslationAccuracy,
     ObjectFound,
     RotationAccuracy,
     RotationError,
@@ -43,6 +47,7 @@ COLUMNS = (
     ("found", "found", "{:.3f}"),
     ("distance", "distance", "{:+.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("geneval_accuracy", "GenEval acc.", "{:.3f}"),
     ("rotation_error", "rot. error", "{:.3f}"),
     ("background_l1", "bg L1", "{:.4f}"),
     ("lpips", "LPIPS", "{:.4f}"),
@@ -51,7 +56,7 @@ COLUMNS = (
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """Talk2Move's table from `EditMetrics.compute()`: a row per task, '-' where a column does
+    """The results table from `EditMetrics.compute()`: a row per task, '-' where a column does
     not apply; LPIPS and CLIP columns only when some task has them."""
     optional = ("lpips", "clip")
     columns = [
@@ -71,15 +76,15 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 class EditMetrics(nn.Module):
     """One `MetricCollection` per task: n, found, background L1 and the task's own metrics
-    (translate: distance, accuracy; rotate: rotation error, accuracy; scale: accuracy), plus
+    (translate: distance, accuracy, GenEval's accuracy; rotate: rotation error, accuracy; scale: accuracy), plus
     LPIPS and CLIP score when given.
 
     Args:
         tasks: the tasks to report.
-        min_move: translation accuracy's threshold, in image sides.
-        max_rotation_error: rotation accuracy's threshold, degrees.
-        max_scale_error: scale accuracy's threshold on |log(ratio / factor)|.
-        rotation_degrees: rotation error in degrees instead of Talk2Move's fraction of 180.
+        min_move: translation accuracy's threshold, in image sides (ours, 0.05).
+        max_rotation_error: rotation accuracy's threshold, degrees (ours, 20).
+        max_scale_error: scale accuracy's threshold on |log(ratio / factor)| (ours, 0.15).
+        rotation_degrees: rotation error in degrees instead of our fraction of 180.
         dilate: px by which the object regions grow before background L1 (and LPIPS).
         lpips: an `LPIPS` metric; each task gets a copy sharing its network.
         clip: a `CLIPScore` metric; likewise.
@@ -104,6 +109,7 @@ class EditMetrics(nn.Module):
             "translate": {
                 "distance": TranslationDistance(),
                 "accuracy": TranslationAccuracy(min_move),
+                "geneval_accuracy": GenEvalTranslationAccuracy(),
             },
             "rotate": {
                 "rotation_error": RotationError(rotation_degrees),

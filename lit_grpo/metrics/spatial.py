@@ -1,17 +1,23 @@
-"""Talk2Move's edit metrics, on the measurements the spatial rewards use (`lit_grpo.perception.geometry`).
+"""Edit metrics, on the measurements the spatial rewards use (`lit_grpo.perception.geometry`).
 
-Each is the mean over the edits of its task (see `base.EditMetric` for the update contract and
-DDP). Definitions, with a missed object (not found in the source or the edit) a failure:
+Talk2Move names the metrics Trans. Dist., Acc., Rot. Err. and L1 but does not give the
+thresholds below; they and the units are our choices. Each is the mean over the edits of its task (see
+`base.EditMetric` for the update contract and DDP), with a missed object (not found in the
+source or the edit) a failure:
 
 - TranslationDistance: centre displacement along the instructed direction, in image sides
-  (Talk2Move's Trans. Dist.); a miss scores 0.
-- TranslationAccuracy: `geometry.translation_success`: moved the instructed way by more than
-  `min_move` of the side, and more along the instructed axis than across it (GenEval's rule).
-- RotationError: |achieved - instructed rotation| as a fraction of 180 deg (Talk2Move's Rot.
-  Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
-- RotationAccuracy: rotation error <= `max_degrees`.
-- ScaleAccuracy: |log(achieved size ratio / instructed factor)| <= `max_log_error` (0.15: the
-  ratio within about 15 % of the factor, symmetric for growing and shrinking).
+  (our units for Talk2Move's Trans. Dist.); a miss scores 0.
+- TranslationAccuracy: `geometry.translation_success`, our rule: moved the instructed way by
+  more than `min_move` (5 %) of the side, and more along the instructed direction than
+  across it.
+- GenEvalTranslationAccuracy: `geometry.geneval_relation`, GenEval's relative-position rule
+  (djghosh13/geneval, evaluation/evaluate_images.py, `relative_position`) between the
+  object's box after and before the edit, for comparison with other work.
+- RotationError: |achieved - instructed rotation| as a fraction of 180 deg (our scale for
+  Talk2Move's Rot. Err.; `degrees=True` for degrees); a miss scores the maximum, 180 deg.
+- RotationAccuracy: rotation error <= `max_degrees` (20, our threshold).
+- ScaleAccuracy: |log(achieved size ratio / instructed factor)| <= `max_log_error` (0.15, our
+  threshold: the ratio within about 15 % of the factor, symmetric for growing and shrinking).
 - BackgroundL1: mean |edit - source| outside the object's ground-truth regions before and
   after the edit (batch["mask_before"], batch["mask_after"], grown by `dilate` px). Unlike
   `BackgroundReward`, which must use the segmenter's masks, the metric uses the true regions,
@@ -47,7 +53,7 @@ class TranslationDistance(EditMetric):
 
 
 class TranslationAccuracy(EditMetric):
-    """Fraction of translations that moved the instructed way (see module docstring)."""
+    """Fraction of translations that moved the instructed way, by our rule (module docstring)."""
 
     task = "translate"
     higher_is_better = True
@@ -59,6 +65,29 @@ class TranslationAccuracy(EditMetric):
     def values(self, source, edited, batch, before, after) -> Tensor:
         d = batch["direction"]
         return geo.translation_success(before, after, d, _size(edited), self.min_move)
+
+
+class GenEvalTranslationAccuracy(EditMetric):
+    """Fraction of translations after which the object's box is in GenEval's relation to its
+    source box in the instructed direction ("moved left": "left of" its old box).
+
+    GenEval's `relative_position` rule, as `geometry.geneval_relation` documents it: box
+    centres, a per-axis margin of `position_threshold` x the two boxes' sizes, the shrunk
+    offset over the offset's norm above 0.5 along the axis. Unlike `TranslationAccuracy`
+    (ours: more than 5 % of the side, within 45 deg), it has no minimum move in image sides
+    but asks a move of more than 0.4 of the object's size, and it accepts up to 60 deg off
+    the axis. Directions must be the four axes.
+    """
+
+    task = "translate"
+    higher_is_better = True
+
+    def __init__(self, position_threshold: float = geo.GENEVAL_POSITION_THRESHOLD) -> None:
+        super().__init__()
+        self.position_threshold = position_threshold
+
+    def values(self, source, edited, batch, before, after) -> Tensor:
+        return geo.geneval_relation(before, after, batch["direction"], self.position_threshold)
 
 
 class RotationError(EditMetric):
@@ -78,7 +107,7 @@ class RotationError(EditMetric):
 
 
 class RotationAccuracy(EditMetric):
-    """Fraction of rotations within `max_degrees` of the instructed angle."""
+    """Fraction of rotations within `max_degrees` (our threshold) of the instructed angle."""
 
     task = "rotate"
     higher_is_better = True
@@ -93,7 +122,8 @@ class RotationAccuracy(EditMetric):
 
 
 class ScaleAccuracy(EditMetric):
-    """Fraction of scalings whose size ratio is within `max_log_error` (log) of the factor."""
+    """Fraction of scalings whose size ratio is within `max_log_error` (log; our threshold) of
+    the factor."""
 
     task = "scale"
     higher_is_better = True

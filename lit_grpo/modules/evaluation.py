@@ -1,4 +1,4 @@
-"""Validation and test edits scored with Talk2Move's metrics; shared by the stages.
+"""Validation and test edits scored with the edit metrics; shared by the stages.
 
 A stage owns an `EditMetrics` (`self.edit_metrics`) and a segmenter. Each validation/test
 batch: ODE edits -> segment the object in source and edit -> `update_edit_metrics` (GRPO

@@ -37,7 +37,7 @@ class SFTModule(PolicyStage):
         sample_steps, sample_shift: the ODE sampler used for the validation grid.
         grid_size: how many validation edits the image grid shows.
         segmenter: finds the instructed object for the edit metrics (ShapeWorld colours).
-        metrics: Talk2Move's edit metrics of the ODE edits of validation and test
+        metrics: the edit metrics of the ODE edits of validation and test
             (`EditMetrics()` by default).
     """
 

@@ -4,13 +4,17 @@ Inputs are segmenter `Detections` of the named object in the source and in the e
 Everything returns per-sample tensors [N] with NaN where the object was not found in either
 image, so callers decide what a miss is worth (the lowest reward; a failed metric).
 
-Talk2Move's definitions, on our conventions (pixels, y down, angles ccw as seen):
-- translation distance: centre displacement projected on the instructed direction, as a
-  fraction of the image side (GenEval-style relative displacement);
-- translation success: moved the instructed way by more than `min_move` of the side, and
-  more along the instructed axis than across it (the GenEval relation holds);
+Our definitions, on our conventions (pixels, y down, angles ccw as seen). Talk2Move names
+its metrics (Trans. Dist., Acc., Rot. Err., L1) but does not give these thresholds; they and
+the units are our choices:
+- translation distance: centre displacement along the instructed direction, as a fraction
+  of the image side;
+- translation success: moved the instructed way by more than `min_move` (5 %) of the side,
+  and more along the instructed direction than across it (within 45 deg of it);
 - rotation error: |wrapped(angle_after - angle_before - instructed)| in degrees;
 - scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
+
+Beside them, `geneval_relation` is GenEval's relative-position rule, as its code writes it.
 """
 
 import torch
@@ -31,11 +35,26 @@ def displacement(before: Detections, after: Detections, image_size: tuple[int, i
     return torch.where(_both(before, after)[:, None], d, torch.full_like(d, float("nan")))
 
 
+def along_across(d: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """Components of displacements d [N, 2] along `direction` [N, 2] (signed) and across it
+    (unsigned, the sideways drift), each [N], in d's units.
+
+    The direction is normalised first, so any non-zero vector works; a zero direction (the
+    rows of other tasks) gives 0 and 0. across = |d x u| = |d_x u_y - d_y u_x|, perpendicular
+    for every direction (the swapped vector (u_y, u_x) is perpendicular only on the axes).
+    """
+    u = direction.float()
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    along = (d * u).sum(-1)
+    across = (d[..., 0] * u[..., 1] - d[..., 1] * u[..., 0]).abs()
+    return along, across
+
+
 def translation_distance(
     before: Detections, after: Detections, direction: Tensor, image_size: tuple[int, int]
 ) -> Tensor:
-    """Displacement along the instructed unit direction [N, 2], in image sides (signed) [N]."""
-    return (displacement(before, after, image_size) * direction.float()).sum(-1)
+    """Displacement along the instructed direction [N, 2], in image sides (signed) [N]."""
+    return along_across(displacement(before, after, image_size), direction)[0]
 
 
 def translation_success(
@@ -45,11 +64,58 @@ def translation_success(
     image_size: tuple[int, int],
     min_move: float = 0.05,
 ) -> Tensor:
-    """1.0 where the object moved the instructed way (see module docstring), 0.0 else, NaN if missed."""
-    d = displacement(before, after, image_size)
-    along = (d * direction.float()).sum(-1)
-    across = (d * direction.float().flip(-1)).sum(-1).abs()  # perpendicular component
+    """1.0 where the object moved more than `min_move` image sides along the instructed
+    direction and more along it than across it (our rule), 0.0 else, NaN if missed."""
+    along, across = along_across(displacement(before, after, image_size), direction)
     ok = ((along > min_move) & (along > across)).float()
+    return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
+
+
+GENEVAL_POSITION_THRESHOLD = 0.1  # GenEval's default `position_threshold` option
+
+
+def geneval_relation(
+    before: Detections,
+    after: Detections,
+    direction: Tensor,
+    position_threshold: float = GENEVAL_POSITION_THRESHOLD,
+) -> Tensor:
+    """1.0 where the edited object's box stands in GenEval's relation to its source box in the
+    instructed direction ("moved left": the after box is "left of" the before box), 0.0 else,
+    NaN if missed. `direction` [N, 2] must be an axis: (-1, 0) left, (1, 0) right, (0, -1) up
+    ("above"), (0, 1) down ("below").
+
+    GenEval's rule (djghosh13/geneval, evaluation/evaluate_images.py, `relative_position(obj_a,
+    obj_b)`, A = after, B = before): from the boxes' centres and sizes (w, h), the offset
+    o = centre_a - centre_b shrinks per axis by `position_threshold` x (size_a + size_b),
+    r = sign(o) max(|o| - t (size_a + size_b), 0) with t = 0.1; if every |r| < 1e-3 px there is no
+    relation; else r / |o| (the norm of the unshrunk offset) has to exceed 0.5 along the axis
+    (strictly). With no margin that is a cone of 60 deg either side of the axis; the margin
+    narrows it, and for one object of size w moved straight along the axis by m it asks
+    (m - 0.2 w) / m > 0.5, i.e. m > 0.4 w. Several relations can hold at once (a diagonal
+    move can be both "left of" and "above").
+
+    Where it differs from our `translation_success`: boxes rather than mask centroids; no
+    minimum move in image sides but a margin in object sizes (a large object must move
+    further, a small one may move less than 5 % of the side); a 60 deg cone rather than our
+    45 deg (along > across); in pixels, so on a non-square image the cone is the pixels',
+    not the image sides'. Only the four axis directions exist in GenEval.
+    """
+    u = direction.float()
+    axis = ((u.abs() == 1).sum(-1) == 1) & ((u == 0).sum(-1) == 1)
+    if not axis.all():
+        i = int((~axis).nonzero()[0])
+        raise ValueError(
+            f"geneval_relation: GenEval's relations are left of / right of / above / below, so "
+            f"a direction must be (+-1, 0) or (0, +-1); row {i} is ({u[i, 0]:g}, {u[i, 1]:g})"
+        )
+    a, b = after.box.float(), before.box.float()
+    size = (a[:, 2:] - a[:, :2]).abs() + (b[:, 2:] - b[:, :2]).abs()  # [N, 2] (w_a + w_b, ...)
+    offset = (a[:, :2] + a[:, 2:]) / 2 - (b[:, :2] + b[:, 2:]) / 2  # box centres [N, 2] px
+    revised = (offset.abs() - position_threshold * size).clamp_min(0) * offset.sign()
+    apart = (revised.abs() >= 1e-3).any(-1)
+    unit = revised / offset.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # |o| >= 1e-3 if apart
+    ok = (apart & ((unit * u).sum(-1) > 0.5)).float()
     return torch.where(_both(before, after), ok, torch.full_like(ok, float("nan")))
 
 

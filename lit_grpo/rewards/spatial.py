@@ -33,8 +33,8 @@ class TranslationReward(Reward):
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         d = geo.displacement(inputs.before, inputs.after, inputs.image_size)  # [N, 2]
         direction = inputs.spec.direction.float()
-        along = (d * direction).sum(-1) / self.move_fraction
-        across = (d * direction.flip(-1)).sum(-1).abs() / self.move_fraction
+        along, across = geo.along_across(d, direction)
+        along, across = along / self.move_fraction, across / self.move_fraction
         score = along.clamp(-1, 1) - self.across_penalty * across.clamp(0, 1)
         lowest = -1.0 - self.across_penalty
         score = torch.nan_to_num(score, nan=lowest)  # not found in the edit: lowest reward

@@ -1,0 +1,177 @@
+"""The shared edit measurements of `lit_grpo.perception.geometry`, and the translation metrics
+built on them, on hand-made detections against hand-computed numbers."""
+
+import pytest
+import torch
+
+from lit_grpo.metrics import GenEvalTranslationAccuracy, TranslationAccuracy
+from lit_grpo.perception import geometry as geo
+from lit_grpo.perception.detections import Detections
+from lit_grpo.rewards import RewardInputs, TranslationReward
+
+SIZE = (100, 100)  # (H, W) px: a displacement of 1 px is 0.01 of the side
+
+
+def detections(boxes, found=None) -> Detections:
+    """Detections whose centres are their boxes' centres; boxes (x0, y0, x1, y1) px."""
+    box = torch.tensor(boxes, dtype=torch.float32)
+    n = box.shape[0]
+    return Detections(
+        found=torch.ones(n, dtype=torch.bool) if found is None else torch.tensor(found),
+        mask=torch.zeros(n, *SIZE, dtype=torch.bool),
+        box=box,
+        centre=(box[:, :2] + box[:, 2:]) / 2,
+        angle=torch.zeros(n),
+        area=(box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]),
+    )
+
+
+def moved(boxes, shifts) -> Detections:
+    return detections(
+        [[x0 + dx, y0 + dy, x1 + dx, y1 + dy] for (x0, y0, x1, y1), (dx, dy) in zip(boxes, shifts)]
+    )
+
+
+# --- along and across the instructed direction ----------------------------------------------
+
+
+def test_along_across_on_the_axes():
+    d = torch.tensor([[0.2, -0.1]] * 4)
+    axes = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    along, across = geo.along_across(d, axes)
+    torch.testing.assert_close(along, torch.tensor([0.2, -0.2, -0.1, 0.1]))
+    torch.testing.assert_close(across, torch.tensor([0.1, 0.1, 0.2, 0.2]))
+
+
+def test_along_across_on_a_diagonal_direction():
+    u = torch.tensor([[0.6, 0.8]] * 3)
+    d = torch.tensor([[0.3, 0.4], [0.4, -0.3], [0.08, 0.06]])
+    along, across = geo.along_across(d, u)
+    # along the direction: 0.5 and no drift; perpendicular: 0 and 0.5; in between:
+    # along 0.048 + 0.048 = 0.096, across |0.08 * 0.8 - 0.06 * 0.6| = 0.028
+    torch.testing.assert_close(along, torch.tensor([0.5, 0.0, 0.096]))
+    torch.testing.assert_close(across, torch.tensor([0.0, 0.5, 0.028]))
+    # the swapped vector (0.8, 0.6) is not perpendicular to (0.6, 0.8): it would read 0.48,
+    # 0.14 and 0.1 here
+
+
+def test_along_across_normalises_the_direction():
+    d = torch.tensor([[0.3, 0.4], [0.1, -0.3], [0.1, -0.3]])
+    u = torch.tensor([[3.0, 4.0], [0.0, -2.0], [0.0, 0.0]])
+    along, across = geo.along_across(d, u)
+    torch.testing.assert_close(along, torch.tensor([0.5, 0.3, 0.0]))
+    torch.testing.assert_close(across, torch.tensor([0.0, 0.1, 0.0]))  # zero direction: 0, 0
+
+
+def test_translation_success_and_distance_on_a_diagonal_direction():
+    before = detections([[10, 10, 20, 20]] * 3 + [[10, 10, 20, 20]])
+    after = moved(before.box.tolist(), [(8, 6), (30, 40), (2, 3), (30, 40)])
+    u = torch.tensor([[0.6, 0.8]] * 3 + [[-3.0, -4.0]])
+    success = geo.translation_success(before, after, u, SIZE)
+    # (0.08, 0.06): along 0.096 > 0.05 and > across 0.028 (the swapped vector read 0.1: a
+    # failure); (0.3, 0.4): along 0.5; (0.02, 0.03): along 0.036, less than min_move;
+    # the opposite way: along -0.5
+    torch.testing.assert_close(success, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    distance = geo.translation_distance(before, after, u, SIZE)
+    torch.testing.assert_close(distance, torch.tensor([0.096, 0.5, 0.036, -0.5]))
+
+
+def test_translation_reward_penalises_the_true_sideways_drift():
+    before = detections([[10, 10, 20, 20]] * 2)
+    after = moved(before.box.tolist(), [(8, 6), (20, 0)])
+    batch = {"task": ["translate"] * 2, "direction": torch.tensor([[0.6, 0.8], [1.0, 0.0]])}
+    images = torch.zeros(2, 3, *SIZE)
+    out = TranslationReward(move_fraction=0.25, across_penalty=0.5)(
+        RewardInputs(images, images, batch, before, after)
+    )
+    # 0.096 / 0.25 - 0.5 * 0.028 / 0.25 = 0.384 - 0.056; on the axis: 0.2 / 0.25 = 0.8
+    torch.testing.assert_close(out.scores, torch.tensor([0.328, 0.8]))
+    torch.testing.assert_close(out.extras["translation_success"], torch.tensor([1.0, 1.0]))
+
+
+def test_a_missed_object_is_nan():
+    before = detections([[10, 10, 20, 20]] * 2)
+    after = detections([[30, 10, 40, 20]] * 2, found=[True, False])
+    success = geo.translation_success(before, after, torch.tensor([[1.0, 0.0]] * 2), SIZE)
+    assert success[0] == 1.0 and success[1].isnan()
+
+
+# --- GenEval's relation ---------------------------------------------------------------------
+
+LEFT, RIGHT, UP, DOWN = [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]
+BOX = [10, 10, 20, 20]  # 10 x 10 px: GenEval's margin is 0.1 x (10 + 10) = 2 px per axis
+TALL = [10, 10, 12, 50]  # 2 x 40 px: margins 0.4 px in x, 8 px in y
+SPECK = [10, 10, 12, 12]  # 2 x 2 px: margins 0.4 px
+BIG = [20, 20, 60, 60]  # 40 x 40 px: margins 8 px
+
+
+def relation(cases, **kwargs):
+    """geneval_relation for (box, shift, direction) cases."""
+    boxes, shifts, directions = zip(*cases)
+    before, after = detections(list(boxes)), moved(boxes, shifts)
+    return geo.geneval_relation(before, after, torch.tensor(directions), **kwargs)
+
+
+def test_geneval_relation_on_straight_moves():
+    got = relation(
+        [
+            (BOX, (5, 0), RIGHT),  # (5 - 2) / 5 = 0.6 > 0.5
+            (BOX, (3, 0), RIGHT),  # (3 - 2) / 3 = 0.33: a move must exceed 0.4 of the size
+            (BOX, (-5, 0), LEFT),
+            (BOX, (-5, 0), RIGHT),  # "left of", not "right of"
+            (BOX, (0, -5), UP),  # y down: "above"
+            (BOX, (0, 5), DOWN),
+            (BOX, (0, 5), UP),
+            (BOX, (2, 0), RIGHT),  # the whole offset inside the margin: no relation at all
+        ]
+    )
+    torch.testing.assert_close(got, torch.tensor([1.0, 0, 1, 0, 1, 1, 0, 0]))
+    # without a margin only the 60 deg cone is left: (3 - 0) / 3 = 1
+    assert relation([(BOX, (3, 0), RIGHT)], position_threshold=0.0).item() == 1.0
+
+
+def test_geneval_relation_divides_by_the_unshrunk_offset_and_can_hold_twice():
+    got = relation(
+        [
+            # offset (12, 22), |o| = 25.06; shrunk (11.6, 14): right 11.6 / 25.06 = 0.463,
+            # down 14 / 25.06 = 0.559 (over the shrunk norm 18.18 right would read 0.638)
+            (TALL, (12, 22), RIGHT),
+            (TALL, (12, 22), DOWN),
+            # offset (20, 30), |o| = 36.06; shrunk (19.6, 29.6): right 0.544 and down 0.821
+            (SPECK, (20, 30), RIGHT),
+            (SPECK, (20, 30), DOWN),
+        ]
+    )
+    torch.testing.assert_close(got, torch.tensor([0.0, 1, 1, 1]))
+
+
+def test_geneval_relation_needs_both_objects_and_an_axis_direction():
+    before = detections([BOX, BOX])
+    after = detections([[20, 10, 30, 20]] * 2, found=[True, False])
+    got = geo.geneval_relation(before, after, torch.tensor([RIGHT, RIGHT]))
+    assert got[0] == 1.0 and got[1].isnan()
+    with pytest.raises(ValueError, match=r"row 1 is \(0.6, 0.8\)"):
+        geo.geneval_relation(before, after, torch.tensor([RIGHT, [0.6, 0.8]]))
+
+
+def test_geneval_accuracy_and_ours_disagree_where_their_rules_do():
+    cases = [
+        (BIG, (6, 0), RIGHT),  # ours: 0.06 > 0.05; GenEval: inside the 8 px margin
+        (BIG, (0, -6), UP),  # likewise
+        (SPECK, (20, 30), RIGHT),  # ours: along 0.2 < across 0.3; GenEval: 0.544 > 0.5
+        (BOX, (25, 0), RIGHT),  # both
+        (BOX, (-25, 0), LEFT),  # not found in the edit: a failure for both
+        (BOX, (0, 0), [0.0, 0.0]),  # a rotation: neither metric reads it
+    ]
+    boxes, shifts, directions = zip(*cases)
+    before = detections(list(boxes))
+    after = moved(boxes, shifts)
+    after.found[4] = False
+    batch = {"task": ["translate"] * 5 + ["rotate"], "direction": torch.tensor(directions)}
+    images = torch.zeros(6, 3, *SIZE)
+    ours, geneval = TranslationAccuracy(), GenEvalTranslationAccuracy()
+    for m in (ours, geneval):
+        m.update(images, images, batch, before, after)
+    assert ours.count == geneval.count == 5
+    assert ours.compute().item() == pytest.approx(3 / 5)  # rows 0, 1, 3
+    assert geneval.compute().item() == pytest.approx(2 / 5)  # rows 2, 3
