@@ -124,3 +124,28 @@ def test_variance_profile_is_logged_as_an_image(tmp_path):
     assert image.shape == (320, 500, 3)
     red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
     assert red.sum() > 20  # the chosen-K markers
+
+
+def test_probes_and_window_moves_count_grpo_iterations_not_optimizer_steps(tmp_path):
+    from test_grpo import make_module
+
+    from lit_grpo.sampling.strategies import SlidingWindow
+
+    # 2 minibatches: every GRPO iteration takes 2 optimiser steps (global_step 0, 2, 4, ...)
+    module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6, minibatches=2)
+    selector = EarlyExitSelector(candidates=[1, 2], every_n_steps=2, plot=False)
+    fit = trainer(tmp_path, 10, [selector])
+    fit.fit(module, data())
+    assert fit.global_step == 10 and module.iteration == 5
+    assert [h["step"] for h in selector.history] == [0, 2, 4]  # not [0, 4] (optimiser steps)
+
+    window = make_module(strategy=SlidingWindow(window=2, shift_every=1), minibatches=2)
+    starts = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            plan = pl_module.strategy.plan(pl_module.hparams.sample_steps, pl_module.iteration)
+            starts.append(plan.sde_steps[0])
+
+    trainer(tmp_path / "w", 6, [Spy()]).fit(window, data())
+    assert starts == [0, 1, 0]  # one move per iteration (4 steps: 2 window positions)

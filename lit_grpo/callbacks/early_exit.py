@@ -1,6 +1,6 @@
 """Early-exit step selection by within-group reward variance (Talk2Move), as a callback.
 
-Every `every_n_steps` training steps the callback asks the module to probe each candidate
+Every `every_n_steps` training batches the callback asks the module to probe each candidate
 exit step k on the current batch: roll out groups with SDE noise on steps 0..k-1, jump to the
 end with the one-step ODE shortcut, score them, and report the mean within-group variance of
 the rewards. The exit step becomes the argmax (the most informative place to explore), and
@@ -31,7 +31,8 @@ class EarlyExitSelector(Callback):
 
     Args:
         candidates: exit steps to probe (e.g. [2, 4, 6, 8] of a 10-step schedule).
-        every_n_steps: probe at global steps 0, N, 2N, ...
+        every_n_steps: probe before training batches 0, N, 2N, ... (batches, not optimiser
+            steps: a GRPO iteration may step the optimiser several times or not at all)
         plot: also log the variance profiles as an image (matplotlib) at every probe.
     """
 
@@ -45,6 +46,7 @@ class EarlyExitSelector(Callback):
         self.plot = plot
         self.exit_step: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.batches_seen = 0  # training batches so far (resumed from the checkpoint)
 
     @staticmethod
     def _check(pl_module: LightningModule) -> None:
@@ -63,8 +65,13 @@ class EarlyExitSelector(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or (self.history and self.history[-1]["step"] == step):
+        # Count training batches, not trainer.global_step: under manual optimisation a batch
+        # may step the optimiser several times (minibatches x inner epochs) or not at all,
+        # and global_step would skip probes (every 3 with 2 optimiser steps per batch probed
+        # at 0 and 6, not 0, 3, 6, 9).
+        step = self.batches_seen
+        self.batches_seen += 1
+        if step % self.every_n_steps:
             return
         variances = pl_module.exit_step_variance(batch, self.candidates).detach().float()
         variances = trainer.strategy.reduce(variances, reduce_op="mean")  # every rank's probe
@@ -87,7 +94,12 @@ class EarlyExitSelector(Callback):
         if self.plot and trainer.is_global_zero and trainer.loggers:
             from lit_grpo.loggers import log_image
 
-            log_image(trainer, "early_exit_variance", variance_plot(self.history), step=step)
+            log_image(
+                trainer,
+                "early_exit_variance",
+                variance_plot(self.history),
+                step=trainer.global_step,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -95,11 +107,15 @@ class EarlyExitSelector(Callback):
             "every_n_steps": self.every_n_steps,
             "exit_step": self.exit_step,
             "history": self.history,
+            "batches_seen": self.batches_seen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.exit_step = state_dict["exit_step"]
         self.history = list(state_dict["history"])
+        # older checkpoints: the step after the last probe is the closest we know
+        last = self.history[-1]["step"] + 1 if self.history else 0
+        self.batches_seen = int(state_dict.get("batches_seen", last))
 
 
 def variance_plot(history: list[dict[str, Any]]):

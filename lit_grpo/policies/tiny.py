@@ -160,10 +160,12 @@ class TinyEditTransformer(nn.Module):
         r, c = grid // cols, grid % cols
         zeros = torch.zeros(text.shape[1], dtype=torch.long, device=x.device)
         rope = rope_2d(torch.cat([zeros, r, r]), torch.cat([zeros, c, c]), self.width // self.heads)
+        rope = tuple(t.to(tokens.dtype) for t in rope)  # bf16 models stay in bf16
         key_mask = torch.cat([text_mask, text_mask.new_ones(n, 2 * rows * cols)], 1)
 
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
-        cond = self.time_mlp(timestep_embedding(sigma, self.width)) + self.pooled_text(pooled)
+        t_emb = timestep_embedding(sigma, self.width).to(tokens.dtype)
+        cond = self.time_mlp(t_emb) + self.pooled_text(pooled)
         layers = [] if self.attention_maps is not None else None
         capture = None if layers is None else (layers, text.shape[1], rows * cols)
         for block in self.blocks:

@@ -32,8 +32,9 @@ class SamplingPlan:
 
 
 class SamplingStrategy:
-    """Base: `plan(num_steps, train_step)` -> SamplingPlan. `train_step` lets a plan move
-    during training (the sliding window)."""
+    """Base: `plan(num_steps, train_step)` -> SamplingPlan. `train_step` (the GRPO iteration:
+    rollout batches so far, not optimiser steps) lets a plan move during training (the
+    sliding window)."""
 
     def plan(self, num_steps: int, train_step: int = 0) -> SamplingPlan:  # pragma: no cover
         raise NotImplementedError
@@ -50,8 +51,8 @@ class FullTrajectory(SamplingStrategy):
 class SlidingWindow(SamplingStrategy):
     """MixGRPO: SDE and training inside a window of `window` steps, ODE elsewhere.
 
-    The window starts at step 0 and moves `stride` steps later every `shift_every` training
-    steps, wrapping around once it reaches the last SDE-capable position (MixGRPO's
+    The window starts at step 0 and moves `stride` steps later every `shift_every` GRPO
+    iterations (rollout batches; an iteration may take several optimiser steps), wrapping around once it reaches the last SDE-capable position (MixGRPO's
     progressive schedule); `shift_every: 0` keeps it fixed at `start`.
     """
 
