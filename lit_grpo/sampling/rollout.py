@@ -17,15 +17,18 @@ stored step under the current (or the reference) policy: the other half of the r
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lit_grpo.policies.base import Condition, EditPolicy
 from lit_grpo.sampling.flow import ode_step, shortcut_to_data, sigma_schedule
 from lit_grpo.sampling.noise import IndependentNoise, NoiseBuilder
 from lit_grpo.sampling.sde import SDEStep, reduce_log_prob, sde_step
 from lit_grpo.sampling.strategies import SamplingPlan
+
+if TYPE_CHECKING:  # sampling sits below policies: it knows the EditPolicy contract, not the code
+    from lit_grpo.policies.base import Condition, EditPolicy
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class RolloutRecord:
                  sampled steps (None unless asked for)
     """
 
-    condition: Condition
+    condition: "Condition"
     states: Tensor
     next_states: Tensor
     log_prob_elements: Tensor
@@ -102,7 +105,7 @@ class RolloutSampler:
     @torch.no_grad()
     def __call__(
         self,
-        policy: EditPolicy,
+        policy: "EditPolicy",
         source: Tensor,
         instructions: list[str],
         group_size: int,
@@ -156,7 +159,7 @@ class RolloutSampler:
             attention=torch.stack(maps).mean(0) if attention else None,
         )
 
-    def rescore(self, policy: EditPolicy, record: RolloutRecord, rows: Tensor, k: int) -> SDEStep:
+    def rescore(self, policy: "EditPolicy", record: RolloutRecord, rows: Tensor, k: int) -> SDEStep:
         """Stored step k of `rows` under `policy` as it is now (with grad, unless the caller
         disables it): per-element log-prob of the recorded transition, mean and std."""
         x = record.states[rows, k]
