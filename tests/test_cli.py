@@ -221,6 +221,46 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
     assert list((in_tmp / "runs").rglob("lora/lora-step=*.safetensors"))
 
 
+@pytest.mark.parametrize("task", ["rotate", "scale"])
+def test_per_task_configs_train_their_own_reward(in_tmp, task):
+    import mlflow
+
+    config = ROOT / f"configs/talk2move_{task}.yaml"
+    run_cli(["fit", "--config", str(config), *GRPO_TINY])
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(f"shapeworld-talk2move-{task}").experiment_id]
+    )
+    reward = {"rotate": "rotation", "scale": "scale"}[task]
+    for key in (f"reward/{reward}", "reward/background", f"val/{task}/found", "train/loss"):
+        assert key in run.data.metrics, key
+
+
+def test_unified_config_trains_one_policy_on_all_three_edits(in_tmp):
+    import mlflow
+
+    config = ROOT / "configs/talk2move_unified.yaml"
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *GRPO_TINY,
+            "--data.init_args.val_size=12",
+            "--trainer.limit_val_batches=6",
+        ]
+    )
+    assert cli.datamodule.hparams.tasks == ["translate", "rotate", "scale"]
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("shapeworld-talk2move-unified")
+    (run,) = client.search_runs([exp.experiment_id])
+    metrics = run.data.metrics
+    for key in ("reward/translation", "reward/rotation", "reward/scale", "reward/background"):
+        assert key in metrics, key
+    for task in ("translate", "rotate", "scale"):  # validation covers every task
+        assert f"val/{task}/found" in metrics, task
+
+
 def test_last_checkpoint_holds_the_final_step_when_stopped_between_validations(in_tmp):
     args = ["--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=3"]
     run_cli(["fit", *args])  # validation (and a save) at step 2, the stop at step 3
