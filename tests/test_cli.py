@@ -261,6 +261,40 @@ def test_unified_config_trains_one_policy_on_all_three_edits(in_tmp):
         assert f"val/{task}/found" in metrics, task
 
 
+def test_spatialflow_main_job_leaves_a_checkpoint_and_lora_that_test_and_edit_accept(
+    in_tmp, capsys
+):
+    import mlflow
+    from PIL import Image
+
+    from lit_grpo.__main__ import main
+    from lit_grpo.datamodules.shapeworld import ShapeWorld
+
+    config = str(ROOT / "configs/spatialflow.yaml")
+    cli = run_cli(["fit", "--config", config, *GRPO_TINY])
+    fresh = run_cli(["--config", config, *GRPO_TINY], run=False)
+    initial = dict(fresh.model.named_parameters())
+    lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
+    assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("shapeworld-spatialflow").experiment_id]
+    )
+    for key in ("reward/regions", "reward/region_edit", "reward/others_l1", "train/loss"):
+        assert key in run.data.metrics, key
+    assert list((in_tmp / "runs").rglob("lora/lora-step=*.safetensors"))
+    (last,) = (in_tmp / "runs").rglob("last.ckpt")
+    test_args = ["test", "--config", config, *GRPO_TINY, f"--ckpt_path={last}"]
+    run_cli([*test_args, "--trainer.limit_test_batches=1"])
+    assert "Talk2Move table" in capsys.readouterr().out
+    sample = ShapeWorld("test", 1, 16, ("translate",), objects=(2, 3))[0]
+    image = in_tmp / "in.png"
+    Image.fromarray((sample["source"].permute(1, 2, 0) * 255).byte().numpy()).save(image)
+    out = in_tmp / "out.png"
+    edit = ["edit", "--ckpt", str(last), "--image", str(image), "--out", str(out)]
+    assert main([*edit, "--instruction", sample["instruction"]]) == 0 and out.exists()
+
+
 def test_last_checkpoint_holds_the_final_step_when_stopped_between_validations(in_tmp):
     args = ["--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=3"]
     run_cli(["fit", *args])  # validation (and a save) at step 2, the stop at step 3

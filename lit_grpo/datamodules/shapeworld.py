@@ -31,7 +31,8 @@ up or down; `rotate` turns the target (always a triangle) by +-45/90/135/180 deg
 seen); `scale` multiplies its linear size by 0.5/0.75/1.5/2 (its area by factor**2). Scenes and
 edits are re-drawn (deterministically) until the edited object is inside the frame (>= 1 px
 margin) and clear of the others (gap >= 0.05 * resolution), before and after the edit. A
-scene whose shapes do not fit is re-drawn whole, so 1, 2 and 3 shapes occur about 45/37/18 %.
+scene whose shapes do not fit is re-drawn whole, so 1, 2 and 3 shapes occur about 45/37/18 %
+(`objects=(min, max)` bounds the count: (2, 3) makes multi-object scenes only).
 
 Randomness: sample `index` of split `s` uses `np.random.default_rng(np.random.SeedSequence(
 [seed, s, index]))` with s = train 0, val 1, test 2. Distinct (seed, split, index) triples give
@@ -366,6 +367,7 @@ class ShapeWorld(torch.utils.data.Dataset):
         tasks: tuple[str, ...] = TASKS,
         seed: int = 0,
         move_fraction: float = 0.25,
+        objects: tuple[int, int] = (1, 3),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
@@ -382,7 +384,13 @@ class ShapeWorld(torch.utils.data.Dataset):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.split, self.size, self.resolution = split, int(size), int(resolution)
+        lo, hi = (int(k) for k in objects)
+        if not 1 <= lo <= hi <= 3:
+            raise ValueError(
+                f"objects must be (min, max) shapes with 1 <= min <= max <= 3, got {objects}"
+            )
         self.tasks, self.seed, self.move_fraction = tasks, int(seed), float(move_fraction)
+        self.objects = (lo, hi)
 
     def __len__(self) -> int:
         return self.size
@@ -397,7 +405,7 @@ class ShapeWorld(torch.utils.data.Dataset):
         task = self.tasks[rng.integers(len(self.tasks))]
         background = _sample_background(rng)
         for _ in range(_MAX_SCENE_ATTEMPTS):
-            n = int(rng.integers(1, 4))
+            n = int(rng.integers(self.objects[0], self.objects[1] + 1))
             kinds = [SHAPES[k] for k in rng.integers(len(SHAPES), size=n)]
             colours = [_COLOUR_NAMES[k] for k in rng.permutation(len(_COLOUR_NAMES))[:n]]
             edit = _sample_edit(rng, task, int(rng.integers(n)))

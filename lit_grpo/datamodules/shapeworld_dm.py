@@ -22,6 +22,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
         seed: base seed of every split.
         num_workers: DataLoader workers (0 renders in the training process).
         shuffle: shuffle the training split (off: a fixed order, e.g. for comparisons).
+        objects: (min, max) shapes per scene, within 1-3; (2, 3) for multi-object scenes.
     """
 
     def __init__(
@@ -36,11 +37,16 @@ class ShapeWorldDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         shuffle: bool = True,
+        objects: tuple[int, int] = (1, 3),
     ):
         super().__init__()
         self.save_hyperparameters()
         common = dict(
-            resolution=resolution, tasks=tuple(tasks), seed=seed, move_fraction=move_fraction
+            resolution=resolution,
+            tasks=tuple(tasks),
+            seed=seed,
+            move_fraction=move_fraction,
+            objects=tuple(objects),
         )
         # Built here, not in setup(), so a bad resolution or task fails before training.
         self.splits = {

@@ -2,5 +2,6 @@
 
 from lit_grpo.modules.grpo import GRPOModule
 from lit_grpo.modules.sft import SFTModule
+from lit_grpo.modules.spatialflow import SpatialFlowGRPOModule
 
-__all__ = ["GRPOModule", "SFTModule"]
+__all__ = ["GRPOModule", "SFTModule", "SpatialFlowGRPOModule"]

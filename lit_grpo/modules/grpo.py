@@ -149,21 +149,32 @@ class GRPOModule(PolicyStage):
             generator,
         )
 
-    def advantages(self, rewards: Tensor) -> tuple[Advantages, PolicyTargets]:
-        """Group advantages of the rewards of every rank, and this rank's targets."""
-        adv, values, valid = gathered_group_advantages(
+    def advantages(self, scores: Scores, record: RolloutRecord) -> tuple[Advantages, PolicyTargets]:
+        """Group advantages of the total rewards of every rank, and this rank's targets."""
+        adv, values, valid = self.group_advantages(scores.total)
+        return adv, PolicyTargets(values, valid, self.loss_denominator(adv))
+
+    def group_advantages(self, rewards: Tensor) -> tuple[Advantages, Tensor, Tensor]:
+        """`gathered_group_advantages` with this stage's settings: (all ranks' advantages,
+        this rank's values [N], this rank's valid rows [N])."""
+        return gathered_group_advantages(
             rewards,
             self.hparams.group_size,
-            self.all_gather,
+            self.gather,
             self.global_rank,
             std=self.hparams.adv_std,
             clamp=self.hparams.adv_clamp,
         )
-        # valid rows of all ranks per minibatch and rank: DDP's gradient average then equals
-        # the single-process mean (exact with one minibatch)
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's `tensor` stacked ([world, ...]); the tensor itself outside a Trainer."""
+        return self.all_gather(tensor) if self._trainer is not None else tensor
+
+    def loss_denominator(self, adv: Advantages) -> float:
+        """Valid rows of all ranks per minibatch and rank: DDP's gradient average then equals
+        the single-process mean (exact with one minibatch)."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        denominator = max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
-        return adv, PolicyTargets(values, valid, denominator)
+        return max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
 
     # --- the loop -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -172,7 +183,7 @@ class GRPOModule(PolicyStage):
             record = self.sample(batch)
         with self._phase("rewards", timings):
             scores = self.scorer(record.images, batch, g)
-        adv, targets = self.advantages(scores.total)
+        adv, targets = self.advantages(scores, record)
         skipped = not bool(adv.valid.any())  # identical on every rank: computed on gathered data
         log = self._step_log(scores, adv, skipped)
         timings["time/update"] = 0.0

@@ -143,3 +143,73 @@ def gathered_group_advantages(
     n = local_rewards.shape[0]
     r = rank if gathered.ndim > local_rewards.ndim else 0
     return adv, adv.values[r * n : (r + 1) * n], adv.valid[r * n : (r + 1) * n]
+
+
+# --- region-level credit (SpatialFlow-GRPO) ------------------------------------------------
+def token_advantages(region_adv: Tensor, cover: Tensor) -> Tensor:
+    """Per-token advantages [N, T]: each token takes the advantages of the regions it covers,
+    weighted by how much of it each covers (regions [N, R] advantages, cover [N, R, T]
+    fractions). A token no region covers gets 0 (our choice: no credit where no region
+    speaks; the region rewards here partition the image, so every token is covered)."""
+    if region_adv.shape != cover.shape[:2]:
+        raise ValueError(
+            f"region advantages {tuple(region_adv.shape)} do not match cover {tuple(cover.shape)}"
+        )
+    total = cover.sum(1)  # [N, T]
+    weighted = (region_adv[:, :, None] * cover).sum(1)
+    return torch.where(total > 0, weighted / total.clamp_min(1e-8), torch.zeros_like(weighted))
+
+
+def region_weighted_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    cover: Tensor,
+    region_weights: Tensor,
+    clip_range: float,
+    row_weights: Tensor | None = None,
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """SpatialFlow-GRPO's region-weighted aggregation of the per-token clipped loss.
+
+    log_prob, old_log_prob, advantages: [N, T] per token; cover: [N, R, T] region fractions;
+    region_weights: [R]. Per token: max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e)); per
+    region: the cover-weighted mean over its tokens; per row: the `region_weights`-weighted
+    mean over the regions present in it (so a small edit region counts as much as a large
+    background, by weight, not by size: our reading of "region-weighted aggregation"); then
+    the `row_weights`-weighted sum over rows divided by `denominator` (as
+    `clipped_policy_loss`).
+    """
+    per_token, stats = _clipped_terms(log_prob, old_log_prob, advantages, clip_range)
+    if cover.shape[0] != per_token.shape[0] or cover.shape[2] != per_token.shape[1]:
+        raise ValueError(
+            f"cover {tuple(cover.shape)} does not match tokens {tuple(per_token.shape)}"
+        )
+    size = cover.sum(-1)  # [N, R]
+    per_region = (cover * per_token[:, None]).sum(-1) / size.clamp_min(1e-8)
+    w = region_weights.to(per_region)[None] * (size > 0)  # [N, R]
+    per_row = (w * per_region).sum(-1) / w.sum(-1).clamp_min(1e-8)  # [N]
+    rw = torch.ones_like(per_row) if row_weights is None else row_weights.to(per_row)
+    norm = rw.sum() if denominator is None else torch.as_tensor(denominator).to(per_row)
+    return (per_row * rw).sum() / norm.clamp_min(1e-8), stats
+
+
+def _clipped_terms(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, PolicyLossStats]:
+    if not log_prob.shape == old_log_prob.shape == advantages.shape:
+        raise ValueError(
+            f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
+            f"advantages {tuple(advantages.shape)} must have one shape"
+        )
+    ratio = torch.exp(log_prob - old_log_prob)
+    per_item = torch.maximum(
+        -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    )
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            ratio_mean=ratio.mean(),
+            clip_fraction=((ratio - 1).abs() > clip_range).float().mean(),
+            approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean(),
+        )
+    return per_item, stats

@@ -26,11 +26,14 @@ from lit_grpo.sampling.sde import reduce_log_prob
 class PolicyTargets:
     """What the update trains towards, this rank's rows: advantages [N] (0 where not valid),
     valid [N] bool, and the loss denominator (valid rows of all ranks per minibatch and rank,
-    so DDP's gradient average equals the single-process loss)."""
+    so DDP's gradient average equals the single-process loss). Region methods add per-token
+    advantages `tokens` [N, T] and the regions' token cover `cover` [N, R, T]."""
 
     advantages: Tensor
     valid: Tensor
     denominator: float
+    tokens: Tensor | None = None
+    cover: Tensor | None = None
 
 
 class ClippedUpdate:

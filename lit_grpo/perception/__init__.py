@@ -7,6 +7,6 @@ measurements of an edit from two `Detections`). Depends on torch, numpy and scip
 """
 
 from lit_grpo.perception.detections import Detections
-from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
+from lit_grpo.perception.segmenters import ColourSegmenter, SceneSegmenter, Segmenter
 
-__all__ = ["ColourSegmenter", "Detections", "Segmenter"]
+__all__ = ["ColourSegmenter", "Detections", "SceneSegmenter", "Segmenter"]

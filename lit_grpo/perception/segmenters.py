@@ -42,6 +42,14 @@ class Segmenter(Protocol):
     def __call__(self, images: Tensor, phrases: Sequence[str]) -> Detections: ...
 
 
+@runtime_checkable
+class SceneSegmenter(Protocol):
+    """A segmenter that can also mark every object in an image (no phrase): `objects(images
+    [N, 3, H, W]) -> [N, H, W] bool`. Region rewards use it for "the other objects"."""
+
+    def objects(self, images: Tensor) -> Tensor: ...
+
+
 class ColourSegmenter:
     """Segmenter for images of flat, saturated palette colours (ShapeWorld and the like).
 
@@ -111,6 +119,14 @@ class ColourSegmenter:
             mask[i], box[i], centre[i], angle[i], area[i] = det
         out = Detections(*(torch.from_numpy(a) for a in (found, mask, box, centre, angle, area)))
         return out.to(images.device)
+
+    def objects(self, images: Tensor) -> Tensor:
+        """Every object's pixels [N, H, W] bool: within `threshold` of any palette colour
+        (the `SceneSegmenter` call: what region rewards call "the other objects")."""
+        pal = torch.tensor(np.stack(list(self.palette.values())), dtype=torch.float32)
+        img = images.detach().float().permute(0, 2, 3, 1)  # [N, H, W, 3]
+        dist = torch.cdist(img.reshape(-1, 3), pal.to(img.device)).min(-1).values
+        return (dist < self.threshold).view(img.shape[:3])
 
     def _detect(self, img: np.ndarray, colour: str, kind: str | None):
         target = self.palette[colour]

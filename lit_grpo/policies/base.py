@@ -104,6 +104,16 @@ class EditPolicy(nn.Module, ABC):
         grid = values.reshape(values.shape[0], 1, rows, cols).float()
         return nn.functional.interpolate(grid, size=tuple(image_size), mode="nearest")[:, 0]
 
+    def latent_to_tokens(self, values: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Per-latent-element values [N, C, h, w] -> per-token means [N, rows * cols] (region
+        methods reduce per-element log-probabilities to tokens with it); the default assumes
+        the token grid tiles the latent evenly."""
+        rows, cols = self.token_grid(image_size)
+        pooled = nn.functional.adaptive_avg_pool2d(
+            values.float().mean(1, keepdim=True), (rows, cols)
+        )
+        return pooled.flatten(1)
+
     def latent_masks(self, masks: Tensor) -> Tensor:
         """Pixel masks [N, H, W] -> coverage [N, h, w] at latent resolution (region noise)."""
         _, h, w = self.latent_shape(tuple(masks.shape[-2:]))

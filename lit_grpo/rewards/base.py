@@ -70,7 +70,9 @@ class EditSpec:
 class RewardInputs:
     """images, source: [N, 3, H, W] in [0, 1]; instructions: N strings; spec: their parsed
     `EditSpec`; before / after: detections of the object in source and edit; ids: [N]
-    sample identifiers of the rows (for logging; not ground truth), or None."""
+    sample identifiers of the rows (for logging; not ground truth), or None;
+    source_objects: [N, H, W] bool, every object the segmenter sees in the source (filled
+    when a reward sets `needs_scene` and the segmenter is a `SceneSegmenter`), or None."""
 
     images: Tensor
     source: Tensor
@@ -79,6 +81,7 @@ class RewardInputs:
     before: Detections
     after: Detections
     ids: Tensor | None = None
+    source_objects: Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -91,18 +94,21 @@ class RewardInputs:
 @dataclass
 class RewardOutput:
     """scores [N]; extras: named [N] sub-scores for logging; regions: optional [N, R] scores
-    per region, named by `region_names` (region-level methods)."""
+    per region, named by `region_names`, over the pixel regions `region_masks` [N, R, H, W]
+    (fractions that sum to 1 at every pixel; region-level methods)."""
 
     scores: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
     regions: Tensor | None = None
     region_names: tuple[str, ...] = ()
+    region_masks: Tensor | None = None
 
 
 class Reward(nn.Module):
     """Base class: `name` keys its logs, `weight` its share of the total (set in YAML)."""
 
     name = "reward"
+    needs_scene = False  # True: wants RewardInputs.source_objects (every object in the source)
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

@@ -11,19 +11,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
-from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs
+from lit_grpo.perception.segmenters import ColourSegmenter, SceneSegmenter, Segmenter
+from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
 
 
 @dataclass
 class Scores:
     """total: [N] weighted sum (NaN where a reward could not score); parts: every reward's
-    and sub-score's [N] values by name (for logging); regions: the region scores [N, R]
-    of the rewards that return them, by reward name."""
+    and sub-score's [N] values by name (for logging); regions: the `RewardOutput` of the
+    rewards that score regions ([N, R] scores, names, [N, R, H, W] masks), by reward name."""
 
     total: Tensor
     parts: dict[str, Tensor]
-    regions: dict[str, Tensor]
+    regions: dict[str, RewardOutput]
 
 
 class Scorer(nn.Module):
@@ -43,6 +43,15 @@ class Scorer(nn.Module):
         spec = EditSpec.from_batch(batch).repeat_interleave(repeats)
         before = self.segmenter(batch["source"], batch["object"])
         ids = batch.get("index")
+        scene = None
+        if any(r.needs_scene for r in self.rewards):
+            if not isinstance(self.segmenter, SceneSegmenter):
+                raise TypeError(
+                    f"a reward needs every object of the scene, and the segmenter "
+                    f"{type(self.segmenter).__name__} has no objects(images); use one that does "
+                    "(lit_grpo.perception.ColourSegmenter on ShapeWorld)"
+                )
+            scene = self.segmenter.objects(batch["source"]).repeat_interleave(repeats, 0)
         return RewardInputs(
             images=images,
             source=batch["source"].repeat_interleave(repeats, 0),
@@ -51,6 +60,7 @@ class Scorer(nn.Module):
             before=before.repeat_interleave(repeats),
             after=self.segmenter(images, spec.object),
             ids=None if ids is None else torch.as_tensor(ids).repeat_interleave(repeats),
+            source_objects=scene,
         )
 
     @torch.no_grad()
@@ -70,12 +80,20 @@ class Scorer(nn.Module):
             parts[reward.name] = out.scores.float()
             parts.update(out.extras)
             if out.regions is not None:
-                if out.regions.shape[0] != n or len(out.region_names) != out.regions.shape[1]:
+                r = out.regions.shape[1] if out.regions.ndim == 2 else -1
+                masks = out.region_masks
+                if (
+                    out.regions.shape[0] != n
+                    or len(out.region_names) != r
+                    or masks is None
+                    or tuple(masks.shape[:2]) != (n, r)
+                ):
                     raise ValueError(
                         f"reward {reward.name!r} returned regions {tuple(out.regions.shape)} "
-                        f"named {out.region_names}; the contract is [N, R] with R names"
+                        f"named {out.region_names}; the contract is [N, R] scores with R names "
+                        "and [N, R, H, W] region_masks"
                     )
-                regions[reward.name] = out.regions.float()
+                regions[reward.name] = out
         return Scores(total, parts, regions)
 
     def forward(self, images: Tensor, batch: dict, repeats: int = 1) -> Scores:
