@@ -1,10 +1,11 @@
 # The README's two commands. Each sets up .venv on first use (a fresh machine needs nothing
 # but python3 >= 3.10 and access to PyPI), then runs.
 #   make train                 the main job: python -m lit_grpo fit --config $(CONFIG)
+#                              (SpatialFlow-GRPO from the built-in SFT editor)
 #   make test                  the default test suite (not slow, not gpu)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/sft.yaml
+CONFIG ?= configs/spatialflow.yaml
 ARGS ?=
 STAMP := $(VENV)/.installed
 
