@@ -131,12 +131,12 @@ def test_probes_and_window_moves_count_grpo_iterations_not_optimizer_steps(tmp_p
 
     from lit_grpo.sampling.strategies import SlidingWindow
 
-    # 2 minibatches: every GRPO iteration takes 2 optimiser steps (global_step 0, 2, 4, ...)
+    # 2 minibatches: every GRPO iteration takes 2 optimiser steps, and one global step
     module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6, minibatches=2)
     selector = EarlyExitSelector(candidates=[1, 2], every_n_steps=2, plot=False)
-    fit = trainer(tmp_path, 10, [selector])
+    fit = trainer(tmp_path, 5, [selector])
     fit.fit(module, data())
-    assert fit.global_step == 10 and module.iteration == 5
+    assert fit.global_step == 5 and module.iteration == 5
     assert [h["step"] for h in selector.history] == [0, 2, 4]  # not [0, 4] (optimiser steps)
 
     window = make_module(strategy=SlidingWindow(window=2, shift_every=1), minibatches=2)
@@ -147,5 +147,5 @@ def test_probes_and_window_moves_count_grpo_iterations_not_optimizer_steps(tmp_p
             plan = pl_module.strategy.plan(pl_module.hparams.sample_steps, pl_module.iteration)
             starts.append(plan.sde_steps[0])
 
-    trainer(tmp_path / "w", 6, [Spy()]).fit(window, data())
+    trainer(tmp_path / "w", 3, [Spy()]).fit(window, data())
     assert starts == [0, 1, 0]  # one move per iteration (4 steps: 2 window positions)

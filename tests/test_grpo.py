@@ -34,20 +34,42 @@ class ConstantReward(Reward):
 
 
 class HalfNaNReward(Reward):
-    """Random scores with the first rollout of every group NaN."""
+    """Random scores with the first rollout of every group NaN (or `bad`: inf, -inf)."""
 
     name = "half_nan"
+
+    def __init__(self, bad: float = float("nan")):
+        super().__init__()
+        self.bad = bad
 
     def forward(self, inputs):
         n = inputs.images.shape[0]
         scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
-        scores[::4] = float("nan")
+        scores[::4] = self.bad
         return RewardOutput(scores)
 
 
-def make_module(rewards=None, **kw):
+class NaNReward(Reward):
+    name = "nan"
+
+    def forward(self, inputs):
+        return RewardOutput(torch.full((inputs.images.shape[0],), float("nan")))
+
+
+class NaNUnderGradPolicy(TinyEditPolicy):
+    """Samples normally, but its training forward (with grad) returns NaN while `poisoned`:
+    a policy whose update blows up."""
+
+    poisoned = True
+
+    def velocity(self, latents, sigma, condition):
+        v = super().velocity(latents, sigma, condition)
+        return v * float("nan") if torch.is_grad_enabled() and self.poisoned else v
+
+
+def make_module(rewards=None, policy_cls=TinyEditPolicy, **kw):
     torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    policy = policy_cls(width=32, depth=1, heads=2)
     # adaLN-Zero starts with closed gates (no gradient reaches LoRA); open them as training would
     for p in policy.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -148,13 +170,93 @@ def test_all_zero_spread_batch_is_skipped_not_fatal():
     assert all(torch.equal(before[n], p) for n, p in lora_params(module).items())
 
 
-def test_nan_rewards_are_dropped_and_training_goes_on():
-    module = make_module([HalfNaNReward()])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_rewards_are_dropped_and_training_goes_on(bad):
+    module = make_module([HalfNaNReward(bad)])
     before = lora_params(module)
     trainer = fit(module, steps=1, batches=1)
     assert trainer.callback_metrics["groups/dropped_samples"].item() == 2.0
     assert trainer.callback_metrics["train/skipped"].item() == 0.0
     assert any(not torch.equal(before[n], p) for n, p in lora_params(module).items())
+
+
+class Recorder(L.Callback):
+    """The listed metrics after every training batch."""
+
+    def __init__(self, *keys):
+        self.keys, self.rows = keys, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.rows.append({k: float(m[k]) for k in self.keys})
+
+
+def fit_steps(module, max_steps, callbacks=(), **data):
+    """Fit for `max_steps` over as many epochs as it takes (at most 10: a run that never
+    reaches max_steps fails the test instead of hanging it)."""
+    trainer = quiet_trainer(max_steps=max_steps, max_epochs=10, callbacks=list(callbacks))
+    kw = dict(resolution=16, batch_size=2, tasks=["translate"], train_size=4, val_size=2)
+    trainer.fit(module, ShapeWorldDataModule(**{**kw, **data}))
+    return trainer
+
+
+def test_an_all_nan_run_still_counts_its_iterations_to_max_steps():
+    module = make_module([NaNReward()])
+    before = lora_params(module)
+    seen = Recorder("train/skipped", "groups/dropped_samples")
+    trainer = fit_steps(module, 4, [seen])
+    assert trainer.global_step == 4 and module.iteration == 4 and len(seen.rows) == 4
+    assert all(r == {"train/skipped": 1.0, "groups/dropped_samples": 8.0} for r in seen.rows)
+    assert all(torch.equal(before[n], p) for n, p in lora_params(module).items())
+
+
+def test_max_steps_counts_iterations_not_optimizer_steps():
+    module = make_module(minibatches=2, inner_epochs=2)
+    seen = Recorder("train/optimizer_steps")
+    trainer = fit_steps(module, 4, [seen])
+    assert trainer.global_step == 4 and module.iteration == 4
+    assert [r["train/optimizer_steps"] for r in seen.rows] == [4.0] * 4
+    # the LR schedule steps with the optimiser: 16 steps, not 4
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 16
+
+
+def test_a_minibatch_of_only_masked_rows_is_not_stepped(monkeypatch):
+    """Condition 0's group is zero-spread (IndexReward); with the rows in order, minibatch 1
+    of 2 holds exactly its 4 rows, all masked: no forward, no step, no division by zero."""
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.arange(n, device=device))
+    module = make_module([IndexReward()], minibatches=2, weight_decay=0.1)
+    seen = Recorder("train/optimizer_steps", "train/empty_minibatches", "train/loss")
+    trainer = fit_steps(module, 1, [seen], train_size=2, shuffle=False)
+    (row,) = seen.rows
+    assert row["train/optimizer_steps"] == 1 and row["train/empty_minibatches"] == 1
+    assert torch.isfinite(torch.tensor(row["train/loss"]))
+    opt = trainer.optimizers[0]
+    assert {int(opt.state[p]["step"]) for p in opt.state} == {1}  # AdamW stepped once
+    assert all(torch.isfinite(p).all() for p in lora_params(module).values())
+
+
+def test_nonfinite_steps_are_skipped_counted_and_training_goes_on():
+    module = make_module(policy_cls=NaNUnderGradPolicy)
+
+    class PoisonSecond(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.policy.poisoned = pl_module.iteration == 1
+
+    seen = Recorder("train/nonfinite_skipped", "train/optimizer_steps")
+    trainer = fit_steps(module, 3, [PoisonSecond(), seen])
+    assert trainer.global_step == 3
+    assert [r["train/nonfinite_skipped"] for r in seen.rows] == [0.0, 1.0, 0.0]
+    assert [r["train/optimizer_steps"] for r in seen.rows] == [1.0, 0.0, 1.0]
+    assert module.nonfinite_in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in lora_params(module).values())
+
+
+def test_nonfinite_iterations_in_a_row_stop_the_run_naming_the_step():
+    module = make_module(policy_cls=NaNUnderGradPolicy, max_nonfinite_in_a_row=3)
+    before = lora_params(module)
+    with pytest.raises(FloatingPointError, match=r"iterations 0\.\.2 \(global_step 2\)"):
+        fit_steps(module, 10)
+    assert all(torch.equal(before[n], p) for n, p in lora_params(module).items())  # no step
 
 
 def test_spatial_rewards_on_exact_edits_and_misses():
@@ -211,6 +313,8 @@ def test_constructor_errors():
         make_module(group_size=1)
     with pytest.raises(ValueError, match="kl_beta"):
         make_module(lora=None, kl_beta=0.1)
+    with pytest.raises(ValueError, match="max_nonfinite_in_a_row"):
+        make_module(max_nonfinite_in_a_row=0)
 
 
 # --- DDP: 2 gloo processes give the same advantages and loss as one --------------------------

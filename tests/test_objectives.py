@@ -111,3 +111,28 @@ def test_kl_to_reference_by_hand():
     ref = torch.tensor([[0.0, 1.0]])
     kl = kl_to_reference(mean, ref, torch.tensor([2.0]))
     assert torch.allclose(kl, torch.tensor([(1 + 4) / 2 / (2 * 4)]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("std", ["group", "global"])
+def test_a_non_finite_reward_leaves_its_groups_other_advantages_as_without_it(bad, std):
+    clean = torch.tensor([0.3, -1.2, 0.7])  # one group of 3: what the group is without the row
+    expected = group_advantages(clean, 3, std=std)
+    r = torch.cat([clean[:1], torch.tensor([bad]), clean[1:]])  # the same group, one bad row
+    got = group_advantages(r, 4, std=std)
+    assert torch.equal(got.values[[0, 2, 3]], expected.values)  # exactly, not approximately
+    assert got.values[1] == 0 and got.valid.tolist() == [True, False, True, True]
+    # inf is dropped exactly like NaN: the same advantages, the same mask
+    nan = group_advantages(torch.where(torch.isfinite(r), r, torch.nan), 4, std=std)
+    assert torch.equal(got.values, nan.values) and torch.equal(got.valid, nan.valid)
+
+
+def test_a_non_finite_reward_leaves_other_groups_alone_under_group_std():
+    r = torch.tensor([0.1, 0.5, 0.9, 0.2, 1.0, 3.0, 2.0, 5.0])
+    bad = r.clone()
+    bad[2] = float("inf")
+    clean, poisoned = group_advantages(r, 4, std="group"), group_advantages(bad, 4, std="group")
+    assert torch.equal(poisoned.values[4:], clean.values[4:])
+    assert torch.equal(
+        poisoned.values[[0, 1, 3]], group_advantages(r[[0, 1, 3]], 3, "group").values
+    )

@@ -15,7 +15,13 @@ One training step reads top to bottom (manual optimisation; the loop is `trainin
 3. rewards of all ranks are gathered and normalised per group; zero-spread groups and
    non-finite rewards are counted and skipped;
 4. the update: inner epochs x minibatches x trained steps of the clipped ratio loss
-   (+ beta x KL to the adapter-off reference), gradient clipping, LR schedule.
+   (+ beta x KL to the adapter-off reference), gradient clipping, LR schedule; a minibatch
+   with a non-finite loss or gradient is skipped, and too many such iterations in a row
+   stop the run.
+
+`trainer.global_step` (and so `max_steps`) counts GRPO iterations: it advances by exactly
+one per training batch, whether the batch stepped the optimiser minibatches x inner_epochs
+times or, all its groups skipped, not at all (see `_count_iteration`).
 
 Departures from the Flow-GRPO reference code, on purpose: rewards are computed
 synchronously (no thread pool: CPU-sized), and the condition encoders are frozen (only the
@@ -67,6 +73,11 @@ class GRPOModule(PolicyStage):
         adv_std: "global" (Flow-GRPO) or "group" advantage normalisation; adv_clamp: +- clamp.
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warm-up, clipping.
+            The LR schedule steps with the optimiser, so warmup_steps counts optimiser
+            steps (minibatches x inner_epochs per iteration), not iterations: iterations
+            that train nothing do not use up the warm-up.
+        max_nonfinite_in_a_row: stop with an error after this many consecutive iterations
+            whose loss or gradient was not finite (their steps are skipped, not taken).
         eval_steps: ODE steps for validation edits.
         grid_size: validation edits in the logged image grid.
         metrics: the edit metrics for validation and test (`EditMetrics()`, the spatial
@@ -97,6 +108,7 @@ class GRPOModule(PolicyStage):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
+        max_nonfinite_in_a_row: int = 3,
         eval_steps: int = 10,
         grid_size: int = 4,
         metrics: EditMetrics | None = None,
@@ -105,6 +117,8 @@ class GRPOModule(PolicyStage):
             raise ValueError("GRPO needs at least one reward")
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
+        if max_nonfinite_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {max_nonfinite_in_a_row}")
         if lora is None and kl_beta > 0:
             raise ValueError(
                 "kl_beta > 0 needs a LoRA adapter: the reference is the adapter-off view"
@@ -120,6 +134,7 @@ class GRPOModule(PolicyStage):
         self.strategy = strategy or FullTrajectory()
         self.updater = ClippedUpdate(clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm)
         self.iteration = 0  # GRPO iterations (rollout batches), whether or not they step
+        self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
         self.phase = "idle"
         self._grid: dict | None = None
 
@@ -187,6 +202,7 @@ class GRPOModule(PolicyStage):
         skipped = not bool(adv.valid.any())  # identical on every rank: computed on gathered data
         log = self._step_log(scores, adv, skipped)
         timings["time/update"] = 0.0
+        log.update({"train/optimizer_steps": 0.0, "train/nonfinite_skipped": 0.0})
         if not skipped:
             with self._phase("update", timings):
                 stats = self.updater(self, self.sampler, record, targets)
@@ -196,7 +212,10 @@ class GRPOModule(PolicyStage):
         self.log_dict(log, batch_size=n_cond)
         self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
         self._set_phase("idle")
+        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
+            self._check_nonfinite(stats["nonfinite_skipped"] > 0)
         self.iteration += 1
+        self._count_iteration()
         # for callbacks (lit_grpo.callbacks.RolloutImageLogger); Lightning detaches nothing here
         return {
             "rollout": {
@@ -206,6 +225,38 @@ class GRPOModule(PolicyStage):
                 "instruction": list(batch["instruction"]),
             }
         }
+
+    def _count_iteration(self) -> None:
+        """Advance `trainer.global_step` by one: it counts GRPO iterations.
+
+        Under manual optimisation Lightning counts every `LightningOptimizer.step()` as a
+        global step (`optim_step_progress` of the manual-optimisation loop), so
+        `max_steps` would mean minibatches x inner_epochs per iteration, and a run whose
+        iterations all skip (every group zero-spread, every reward NaN) would never reach
+        it. The update therefore steps through `strategy.optimizer_step`, which bypasses
+        the counting hooks, and each training batch completes exactly one step here. The
+        counter lives in the loop's state, so checkpoints resume at the right step.
+        """
+        if self._trainer is None:
+            return
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _check_nonfinite(self, nonfinite: bool) -> None:
+        """Count iterations with a non-finite loss or gradient in a row; stop at the limit."""
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
+        limit = self.hparams.max_nonfinite_in_a_row
+        if self.nonfinite_in_a_row >= limit:
+            first = self.iteration - self.nonfinite_in_a_row + 1
+            raise FloatingPointError(
+                f"GRPO iterations {first}..{self.iteration} (global_step {self.global_step}) "
+                f"all had a non-finite loss or gradient ({limit} in a row, "
+                "model.init_args.max_nonfinite_in_a_row); those steps were skipped, not "
+                "taken. Lower the learning rate, check the policy's outputs and the rewards "
+                "(train/nonfinite_skipped, groups/dropped_samples), or resume from the last "
+                "checkpoint."
+            )
 
     def _step_log(self, scores: Scores, adv: Advantages, skipped: bool) -> dict[str, float]:
         total = scores.total
@@ -307,9 +358,11 @@ class GRPOModule(PolicyStage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["grpo_iteration"] = self.iteration
+        checkpoint["grpo_nonfinite_in_a_row"] = self.nonfinite_in_a_row
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("grpo_iteration", 0))
+        self.nonfinite_in_a_row = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
 
 
 def _nanmean(x: Tensor) -> float:

@@ -6,10 +6,21 @@ reference, the adapter-off view) is backpropagated per step, and the optimiser s
 per minibatch after gradient clipping. `step_loss` is the one method a region method
 overrides (per-token advantages and weights instead of per-rollout ones).
 
+Degenerate minibatches never step: one whose rows are all masked (non-finite rewards,
+zero-spread groups; on every rank) is skipped before its forward pass, since AdamW would
+still move the weights on its zero gradient (momentum, weight decay); one whose loss or
+gradient norm is not finite is zeroed and skipped, and counted (`nonfinite_skipped`).
+
+The optimiser steps through `strategy.optimizer_step` (what `LightningOptimizer.step` runs,
+precision plugin included) rather than `opt.step()`, so that Lightning's step counter does
+not advance here: `trainer.global_step` counts GRPO iterations (`GRPOModule` advances it
+once per training batch). The LR scheduler steps with every optimiser step.
+
 Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`, `clip_gradients`,
 `block_backward_sync`) come from the module passed in; the update holds only its settings.
 """
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -72,32 +83,55 @@ class ClippedUpdate:
         opt, sched = module.optimizers(), module.lr_schedulers()
         n, num_steps = len(record), record.num_trained_steps
         totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
-        count, norms = 0, []
-        sync_block = getattr(module.trainer.strategy, "block_backward_sync", nullcontext)
+        count, norms, nonfinite, empty = 0, [], 0, 0
+        strategy = module.trainer.strategy
+        sync_block = getattr(strategy, "block_backward_sync", nullcontext)
         for _ in range(self.inner_epochs):
             order = (
                 torch.randperm(n, device=module.device)
                 if self.minibatches > 1
                 else torch.arange(n, device=module.device)
             )
-            for rows in order.chunk(self.minibatches):
+            chunks = order.chunk(self.minibatches)
+            # valid rows per minibatch summed over ranks (all ranks must skip together, or
+            # DDP's all-reduce hangs): one host sync per pass, none per step
+            live = torch.stack([targets.valid[rows].sum() for rows in chunks])
+            live = strategy.reduce(live.float(), reduce_op="sum").tolist()
+            for rows, n_live in zip(chunks, live):
+                if n_live == 0:
+                    empty += 1
+                    continue
                 opt.zero_grad(set_to_none=True)
+                finite = True
                 for k in range(num_steps):
                     # all-reduce the gradients once per minibatch, on its last step
                     with sync_block() if k < num_steps - 1 else nullcontext():
                         loss, stats = self.step_loss(module, sampler, record, targets, rows, k)
                         module.manual_backward(loss / num_steps)
-                    for key, value in stats.items():  # .item(): the update is not in a graph
-                        totals[key] += value.item()
+                    values = {key: v.item() for key, v in stats.items()}  # not in a graph
+                    for key, value in values.items():
+                        totals[key] += value
+                    finite = finite and math.isfinite(values["loss"])
                     count += 1
-                norms.append(_grad_norm(module))
+                # the norm is taken after the all-reduce (the same on every rank); a non-finite
+                # loss makes a non-finite gradient, so the ranks skip together
+                norm = _grad_norm(module)
+                if not (finite and math.isfinite(norm)):
+                    opt.zero_grad(set_to_none=True)
+                    nonfinite += 1
+                    continue
+                norms.append(norm)
                 module.clip_gradients(
                     opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
                 )
-                opt.step()
+                with module.trainer.profiler.profile("optimizer_step"):
+                    strategy.optimizer_step(opt.optimizer, closure=_no_closure)
                 sched.step()
         out = {k: v / max(count, 1) for k, v in totals.items()}
         out["grad_norm"] = sum(norms) / max(len(norms), 1)
+        out["optimizer_steps"] = float(len(norms))
+        out["nonfinite_skipped"] = float(nonfinite)
+        out["empty_minibatches"] = float(empty)
         return out
 
     def step_loss(
@@ -132,6 +166,10 @@ class ClippedUpdate:
             stats["loss"] = loss.detach()
             stats["kl"] = kl.detach()
         return loss, stats
+
+
+def _no_closure() -> None:
+    """The closure `strategy.optimizer_step` wants: the backward passes already ran."""
 
 
 def _grad_norm(module: L.LightningModule) -> float:
