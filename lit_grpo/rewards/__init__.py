@@ -1,5 +1,7 @@
-"""Rewards under one contract (`base.py`) and the spatial rewards (over `lit_grpo.perception`)."""
+"""Rewards under one contract (`base.py`), the spatial rewards (over `lit_grpo.perception`) and
+RC-GRPO's attention concentration reward (`attention.py`)."""
 
+from lit_grpo.rewards.attention import AttentionConcentrationReward
 from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
 from lit_grpo.rewards.scoring import Scorer, Scores
 from lit_grpo.rewards.spatial import (
@@ -10,6 +12,7 @@ from lit_grpo.rewards.spatial import (
 )
 
 __all__ = [
+    "AttentionConcentrationReward",
     "BackgroundReward",
     "EditSpec",
     "Reward",

@@ -70,7 +70,13 @@ class EditSpec:
 class RewardInputs:
     """images, source: [N, 3, H, W] in [0, 1]; instructions: N strings; spec: their parsed
     `EditSpec`; before / after: detections of the object in source and edit; ids: [N]
-    sample identifiers of the rows (for logging; not ground truth), or None."""
+    sample identifiers of the rows (for logging; not ground truth), or None.
+
+    For attention rewards, when the stage records them (None otherwise):
+    attention: [N, L, rows, cols] the instruction tokens' attention over the edit's image
+        tokens, averaged over the sampled steps (padding tokens 0);
+    attention_region: [N, rows, cols] the share of each token that the edit region covers
+        (the policy's `pixel_to_tokens` of `perception.geometry.edit_region`)."""
 
     images: Tensor
     source: Tensor
@@ -79,6 +85,8 @@ class RewardInputs:
     before: Detections
     after: Detections
     ids: Tensor | None = None
+    attention: Tensor | None = None
+    attention_region: Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
