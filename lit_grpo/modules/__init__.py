@@ -1,6 +1,8 @@
 """Training stages as LightningModules."""
 
 from lit_grpo.modules.grpo import GRPOModule
+from lit_grpo.modules.neighbor import NeighborRCGRPOModule
+from lit_grpo.modules.rcgrpo import RCGRPOModule
 from lit_grpo.modules.sft import SFTModule
 
-__all__ = ["GRPOModule", "SFTModule"]
+__all__ = ["GRPOModule", "NeighborRCGRPOModule", "RCGRPOModule", "SFTModule"]
