@@ -131,6 +131,7 @@ def test_quasi_norm_advantages_hand_values_and_p2_is_the_group_z_score():
     assert adv.zero_spread.tolist() == [False, True] and not adv.valid[4:].any()
     z = group_advantages(r, 4, std="group")
     assert torch.allclose(quasi_norm_advantages(r, 4, p=2.0).values, z.values)
+
     # against the z-score, p < 2 damps a group whose spread is everywhere more than one
     # where a rollout stands out: 0.5 / sqrt(2) vs 0.75 / (||c||_0.8 / 2)
     def damping(rewards):
