@@ -360,3 +360,30 @@ def test_config_params_name_list_items_by_class_not_position():
     assert {k: v for k, v in full.items() if "PhaseProgressBar" not in k} == fewer
     twice = _flatten({"callbacks": [ckpt, ckpt]})
     assert set(twice) >= {"callbacks.ModelCheckpoint[0]", "callbacks.ModelCheckpoint[1].save_last"}
+
+
+@pytest.mark.parametrize(
+    "config,experiment",
+    [("rcgrpo.yaml", "shapeworld-rcgrpo"), ("rcgrpo_sde.yaml", "shapeworld-rcgrpo-sde")],
+)
+def test_rcgrpo_configs_train_lora_with_the_attention_reward(in_tmp, config, experiment):
+    import mlflow
+
+    args = ["--config", str(ROOT / "configs" / config), *GRPO_TINY]
+    if config == "rcgrpo.yaml":
+        args.append("--model.init_args.anchors=2")  # of G = 3
+    cli = run_cli(["fit", *args])
+    initial = dict(run_cli(args, run=False).model.named_parameters())
+    lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
+    assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    for key in (
+        "reward/attention_concentration",
+        "reward/background",
+        "reward/translation",
+        "train/loss",
+        "val/attention_concentration",
+        "val/translate/accuracy",
+    ):
+        assert key in run.data.metrics, key

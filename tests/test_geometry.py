@@ -7,7 +7,7 @@ import torch
 from lit_grpo.metrics import GenEvalTranslationAccuracy, TranslationAccuracy
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
-from lit_grpo.rewards import RewardInputs, TranslationReward
+from lit_grpo.rewards import EditSpec, RewardInputs, TranslationReward
 
 SIZE = (100, 100)  # (H, W) px: a displacement of 1 px is 0.01 of the side
 
@@ -79,10 +79,16 @@ def test_translation_success_and_distance_on_a_diagonal_direction():
 def test_translation_reward_penalises_the_true_sideways_drift():
     before = detections([[10, 10, 20, 20]] * 2)
     after = moved(before.box.tolist(), [(8, 6), (20, 0)])
-    batch = {"task": ["translate"] * 2, "direction": torch.tensor([[0.6, 0.8], [1.0, 0.0]])}
+    spec = EditSpec(
+        task=["translate"] * 2,
+        object=["red square"] * 2,
+        direction=torch.tensor([[0.6, 0.8], [1.0, 0.0]]),
+        angle=torch.zeros(2),
+        factor=torch.ones(2),
+    )
     images = torch.zeros(2, 3, *SIZE)
     out = TranslationReward(move_fraction=0.25, across_penalty=0.5)(
-        RewardInputs(images, images, batch, before, after)
+        RewardInputs(images, images, ["move it"] * 2, spec, before, after)
     )
     # 0.096 / 0.25 - 0.5 * 0.028 / 0.25 = 0.384 - 0.056; on the axis: 0.2 / 0.25 = 0.8
     torch.testing.assert_close(out.scores, torch.tensor([0.328, 0.8]))

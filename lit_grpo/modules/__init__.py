@@ -1,7 +1,15 @@
 """Training stages as LightningModules."""
 
 from lit_grpo.modules.grpo import GRPOModule
+from lit_grpo.modules.neighbor import NeighborRCGRPOModule
+from lit_grpo.modules.rcgrpo import RCGRPOModule
 from lit_grpo.modules.sft import SFTModule
 from lit_grpo.modules.spatialflow import SpatialFlowGRPOModule
 
-__all__ = ["GRPOModule", "SFTModule", "SpatialFlowGRPOModule"]
+__all__ = [
+    "GRPOModule",
+    "NeighborRCGRPOModule",
+    "RCGRPOModule",
+    "SFTModule",
+    "SpatialFlowGRPOModule",
+]

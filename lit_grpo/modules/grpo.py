@@ -39,13 +39,17 @@ from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics
 from lit_grpo.modules.grids import edit_grid
-from lit_grpo.modules.objectives import Advantages, gathered_group_advantages
+from lit_grpo.modules.objectives import (
+    Advantages,
+    gathered_group_advantages,
+    group_advantages,
+)
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
-from lit_grpo.rewards.base import Reward
+from lit_grpo.rewards.base import Reward, RewardInputs
 from lit_grpo.rewards.scoring import Scorer, Scores
 from lit_grpo.sampling.noise import NoiseBuilder
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
@@ -85,6 +89,7 @@ class GRPOModule(PolicyStage):
     """
 
     full_finetune = "denoiser"
+    capture_attention = False  # record the instruction-to-image attention (region methods)
 
     def __init__(
         self,
@@ -162,7 +167,25 @@ class GRPOModule(PolicyStage):
             self.hparams.group_size,
             plan,
             generator,
+            attention=self.capture_attention,
+            regions=self.sample_regions(batch),
         )
+
+    def sample_regions(self, batch: dict) -> Tensor | None:
+        """The edit regions [B * G, h, w] (latent resolution, in [0, 1]) handed to the noise
+        builder; None here. Region methods (RC-GRPO) override it."""
+        return None
+
+    def observe(
+        self, images: Tensor, batch: dict, repeats: int = 1, attention: Tensor | None = None
+    ) -> RewardInputs:
+        """What the rewards see of `images` (the scorer's view; region methods add to it)."""
+        return self.scorer.observe(images, batch, repeats, attention=attention)
+
+    def score(self, record: RolloutRecord, batch: dict) -> Scores:
+        """Every reward of the rollouts, and their weighted total."""
+        g = record.group_size
+        return self.scorer.judge(self.observe(record.images, batch, g, record.attention))
 
     def advantages(self, scores: Scores, record: RolloutRecord) -> tuple[Advantages, PolicyTargets]:
         """Group advantages of the total rewards of every rank, and this rank's targets."""
@@ -170,15 +193,10 @@ class GRPOModule(PolicyStage):
         return adv, PolicyTargets(values, valid, self.loss_denominator(adv))
 
     def group_advantages(self, rewards: Tensor) -> tuple[Advantages, Tensor, Tensor]:
-        """`gathered_group_advantages` with this stage's settings: (all ranks' advantages,
+        """`gathered_group_advantages` with this stage's `normalise`: (all ranks' advantages,
         this rank's values [N], this rank's valid rows [N])."""
         return gathered_group_advantages(
-            rewards,
-            self.hparams.group_size,
-            self.gather,
-            self.global_rank,
-            std=self.hparams.adv_std,
-            clamp=self.hparams.adv_clamp,
+            rewards, self.hparams.group_size, self.gather, self.global_rank, self.normalise
         )
 
     def gather(self, tensor: Tensor) -> Tensor:
@@ -191,13 +209,19 @@ class GRPOModule(PolicyStage):
         world = self.trainer.world_size if self._trainer is not None else 1
         return max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
 
+    def normalise(self, rewards: Tensor, group_size: int) -> Advantages:
+        """Per-group advantages of the gathered rewards [B * G] (GRPO's z-score here)."""
+        return group_advantages(
+            rewards, group_size, std=self.hparams.adv_std, clamp=self.hparams.adv_clamp
+        )
+
     # --- the loop -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        g, timings = self.hparams.group_size, {}
+        timings = {}
         with self._phase("sampling", timings):
             record = self.sample(batch)
         with self._phase("rewards", timings):
-            scores = self.scorer(record.images, batch, g)
+            scores = self.score(record, batch)
         adv, targets = self.advantages(scores, record)
         skipped = not bool(adv.valid.any())  # identical on every rank: computed on gathered data
         log = self._step_log(scores, adv, skipped)
@@ -297,7 +321,7 @@ class GRPOModule(PolicyStage):
         out = []
         for k in candidates:
             record = self.sample(batch, plan=EarlyExit(k).plan(self.hparams.sample_steps))
-            groups = self.scorer(record.images, batch, self.hparams.group_size).total
+            groups = self.score(record, batch).total
             groups = groups.view(-1, self.hparams.group_size)
             groups = groups[torch.isfinite(groups).all(1)]
             out.append(groups.var(1).mean() if groups.numel() else groups.new_zeros(()))
@@ -316,8 +340,10 @@ class GRPOModule(PolicyStage):
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
         """ODE edits scored by the training rewards (logs `{stage}/reward` and every part)
         and by the edit metrics (logged at the end of the epoch)."""
-        edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
-        inputs = self.scorer.observe(edits, batch)
+        with self.policy.capture_attention(self.capture_attention) as maps:
+            edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        attention = torch.stack(maps).mean(0) if maps else None  # over the ODE steps
+        inputs = self.observe(edits, batch, attention=attention)
         self.edit_metrics.update(batch["source"], edits, batch, inputs.before, inputs.after)
         scores = self.scorer.judge(inputs)
         n = batch["source"].shape[0]

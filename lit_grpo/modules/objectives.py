@@ -1,4 +1,5 @@
-"""GRPO's pure tensor functions: group advantages, the clipped ratio loss, the KL term.
+"""GRPO's pure tensor functions: group advantages, the clipped ratio loss, the KL term, and
+Neighbor GRPO's two (its softmax-over-distances policy, its quasi-norm advantages).
 
 No Lightning here: each function has an exact-value test (tests/test_objectives.py).
 Layout: rollouts of one condition are contiguous, rewards [B * G] = B groups of G.
@@ -127,19 +128,20 @@ def kl_to_reference(mean: Tensor, ref_mean: Tensor, diffusion: Tensor) -> Tensor
 
 
 def gathered_group_advantages(
-    local_rewards: Tensor, group_size: int, gather, rank: int, **kwargs
+    local_rewards: Tensor, group_size: int, gather, rank: int, fn=group_advantages, **kwargs
 ) -> tuple[Advantages, Tensor, Tensor]:
     """Group advantages computed on the rewards of every rank, sliced back to this rank.
 
     `gather(t)` returns every rank's `t` stacked ([world, N]; `t` itself when alone), e.g.
     Lightning's `LightningModule.all_gather`. Every rank then normalises the same numbers, so
     the "global" std and the skip decisions agree across ranks and with a single process.
-    Ranks hold whole groups (a condition's G rollouts never straddle ranks).
+    Ranks hold whole groups (a condition's G rollouts never straddle ranks). `fn` is the
+    per-group normalisation (`group_advantages`, or `quasi_norm_advantages`).
     Returns (advantages of all ranks, this rank's values [N], this rank's valid mask [N]).
     """
     gathered = gather(local_rewards)
     flat = gathered.reshape(-1)
-    adv = group_advantages(flat, group_size, **kwargs)
+    adv = fn(flat, group_size, **kwargs)
     n = local_rewards.shape[0]
     r = rank if gathered.ndim > local_rewards.ndim else 0
     return adv, adv.values[r * n : (r + 1) * n], adv.valid[r * n : (r + 1) * n]
@@ -213,3 +215,67 @@ def _clipped_terms(
             approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean(),
         )
     return per_item, stats
+
+
+def quasi_norm_advantages(
+    rewards: Tensor,
+    group_size: int,
+    p: float = 0.8,
+    clamp: float = 5.0,
+    eps: float = 1e-4,
+    spread_tol: float = 1e-6,
+) -> Advantages:
+    """Neighbor GRPO's group-wise quasi-norm reweighting (arXiv 2511.16955, eq. 11):
+
+        c_i = r_i - mean_group(r),   A_i = c_i / (||c||_p / sqrt(G) + eps),   clamped
+
+    with ||c||_p = (sum_k |c_k|^p)^(1/p) over the group. The paper writes A_i / ||A||_p and
+    leaves the scale open; we scale by sqrt(G) so that p = 2 is exactly GRPO's per-group
+    z-score (`group_advantages(std="group")`). With p < 2 the norm grows when the spread is
+    shared evenly among many rollouts (a flat group with small differences everywhere)
+    relative to one where few stand out, which damps the updates of reward-flat groups
+    (the paper's "reward flattening"; p = 0.8 is its best setting). Non-finite rewards and
+    zero-spread groups are handled as in `group_advantages` (G counts the finite rollouts).
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * {group_size}], got {tuple(rewards.shape)}")
+    if not 0.0 < p <= 2.0:
+        raise ValueError(f"p must be in (0, 2], got {p}")
+    r = rewards.double().view(-1, group_size)  # [B, G]
+    finite = torch.isfinite(r)
+    count = finite.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(finite, r, torch.zeros_like(r)).sum(1, keepdim=True) / count
+    centred = torch.where(finite, r - mean, torch.zeros_like(r))
+    norm = (centred.abs() ** p).sum(1, keepdim=True) ** (1 / p)  # [B, 1]
+    adv = (centred / (norm / count.sqrt() + eps)).clamp(-clamp, clamp)
+    group_std = ((centred**2).sum(1) / count.squeeze(1)).sqrt()
+    zero_spread = (group_std <= spread_tol) | (finite.sum(1) < 2)
+    valid = finite & ~zero_spread[:, None]
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return Advantages(adv.flatten().to(dtype), zero_spread, valid.flatten())
+
+
+def neighbor_log_probs(anchor: Tensor, candidates: Tensor, temperature: float) -> Tensor:
+    """Neighbor GRPO's surrogate leaping policy (arXiv 2511.16955, eq. 8): the log-probability
+    that the anchor's step lands on each candidate of its group,
+
+        log pi(i | anchor) = log_softmax_i( -d_i / temperature ),
+        d_i = mean over elements of (x_i - x_anchor)^2
+
+    anchor [n, ...] (the anchor's next state as the policy predicts it), candidates
+    [n, G, ...] (the group's recorded states at the same step) -> [n, G].
+
+    The paper uses the squared L2 norm with no temperature, i.e. our mean with temperature
+    1 / D (D elements per sample); the mean and an explicit temperature keep one setting
+    meaningful across image sizes (the paper names no temperature; choosing it is ours).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if candidates.shape[0] != anchor.shape[0] or candidates.shape[2:] != anchor.shape[1:]:
+        raise ValueError(
+            f"candidates must be [n, G, *anchor.shape[1:]], got {tuple(candidates.shape)} "
+            f"for anchors {tuple(anchor.shape)}"
+        )
+    d = ((candidates.float() - anchor.float()[:, None]) ** 2).flatten(2).mean(2)  # [n, G]
+    return torch.log_softmax(-d / temperature, dim=1)

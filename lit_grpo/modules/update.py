@@ -4,7 +4,9 @@ For each minibatch of rows and each stored step k, the sampler rescores the reco
 transition under the current policy; the clipped ratio loss (plus beta x the KL to the
 reference, the adapter-off view) is backpropagated per step, and the optimiser steps once
 per minibatch after gradient clipping. `step_loss` is the one method a region method
-overrides (per-token advantages and weights instead of per-rollout ones).
+overrides (per-token advantages and weights instead of per-rollout ones); two smaller hooks
+sit inside it: `reduce` (per-element log-probs -> per sample: RC-GRPO's region mean) and
+`epoch_rows` (the rows an inner epoch visits: Neighbor GRPO's anchors).
 
 Degenerate minibatches never step: one whose rows are all masked (non-finite rewards,
 zero-spread groups; on every rank) is skipped before its forward pass, since AdamW would
@@ -81,18 +83,13 @@ class ClippedUpdate:
         targets: PolicyTargets,
     ) -> dict[str, float]:
         opt, sched = module.optimizers(), module.lr_schedulers()
-        n, num_steps = len(record), record.num_trained_steps
+        num_steps = record.num_trained_steps
         totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
         count, norms, nonfinite, empty = 0, [], 0, 0
         strategy = module.trainer.strategy
         sync_block = getattr(strategy, "block_backward_sync", nullcontext)
         for _ in range(self.inner_epochs):
-            order = (
-                torch.randperm(n, device=module.device)
-                if self.minibatches > 1
-                else torch.arange(n, device=module.device)
-            )
-            chunks = order.chunk(self.minibatches)
+            chunks = self.epoch_rows(record, targets, module.device).chunk(self.minibatches)
             # valid rows per minibatch summed over ranks (all ranks must skip together, or
             # DDP's all-reduce hangs): one host sync per pass, none per step
             live = torch.stack([targets.valid[rows].sum() for rows in chunks])
@@ -134,6 +131,18 @@ class ClippedUpdate:
         out["empty_minibatches"] = float(empty)
         return out
 
+    def epoch_rows(self, record: RolloutRecord, targets: PolicyTargets, device) -> Tensor:
+        """The rows one inner epoch trains, in order (shuffled when split in minibatches)."""
+        n = len(record)
+        if self.minibatches > 1:
+            return torch.randperm(n, device=device)
+        return torch.arange(n, device=device)
+
+    def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:
+        """Per-element log-probs [n, C, h, w] of `rows` -> per-sample [n]: Flow-GRPO's mean
+        over every element here; region methods weight the elements."""
+        return reduce_log_prob(elements, "mean")
+
     def step_loss(
         self,
         module: L.LightningModule,
@@ -145,8 +154,8 @@ class ClippedUpdate:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of stored step k on `rows` (with grad) and its statistics."""
         step = sampler.rescore(module.policy, record, rows, k)
-        log_prob = reduce_log_prob(step.log_prob, "mean")  # [n]: Flow-GRPO's per-sample mean
-        old = record.step_log_prob(k, "mean", rows)  # [n]
+        log_prob = self.reduce(step.log_prob, record, rows)  # [n]
+        old = self.reduce(record.log_prob_elements[rows, k], record, rows)  # [n]
         weights = targets.valid[rows].float()
         loss, s = clipped_policy_loss(
             log_prob, old, targets.advantages[rows], self.clip_range, weights, targets.denominator

@@ -14,8 +14,12 @@ the units are our choices:
 - rotation error: |wrapped(angle_after - angle_before - instructed)| in degrees;
 - scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
 
-Beside them, `geneval_relation` is GenEval's relative-position rule, as its code writes it.
+Beside them, `geneval_relation` is GenEval's relative-position rule, as its code writes it,
+and `edit_region` is where an instructed edit may change the image (RC-GRPO's region).
 """
+
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -158,3 +162,76 @@ def background_l1(source: Tensor, edited: Tensor, keep: Tensor) -> Tensor:
     diff = (edited.float() - source.float()).abs().mean(1)  # [N, H, W]
     keep = keep.float()
     return (diff * keep).sum((1, 2)) / keep.sum((1, 2)).clamp_min(1.0)
+
+
+def edit_region(
+    before: Detections,
+    task: Sequence[str],
+    direction: Tensor,
+    factor: Tensor,
+    image_size: tuple[int, int],
+    move_fraction: float = 0.25,
+    margin: int = 1,
+) -> Tensor:
+    """Where an edit may change the image [N, H, W] bool, from what a reward sees: the
+    object's mask in the source and the instruction (no ground truth). RC-GRPO-Editing
+    assumes an edit-region mask and does not say where it comes from; this is ours.
+
+    - translate: the source mask and the mask shifted by the instructed displacement
+      (`direction` [N, 2] x `move_fraction` of the image side; floor and ceil of a
+      fractional shift both);
+    - scale: the source mask and its box (padded by a pixel: the shape reaches past its
+      half-covered pixels) grown about the mask's centre by `factor` [N] (shrinking keeps
+      the box);
+    - rotate: the disk about the mask's centre through its farthest pixel corner (any
+      angle stays inside it);
+    then grown by `margin` px (anti-aliased edges). Rows whose object was not found, or of
+    another task, get the whole image: nothing says where the edit is.
+    """
+    h, w = image_size
+    n = len(before)
+    mask = before.mask.bool()
+    region = torch.ones(n, h, w, dtype=torch.bool, device=mask.device)
+    ys = torch.arange(h, device=mask.device).float()[:, None] + 0.5  # pixel centres
+    xs = torch.arange(w, device=mask.device).float()[None, :] + 0.5
+    for i in range(n):
+        if not bool(before.found[i]) or not bool(mask[i].any()):
+            continue
+        m, (cx, cy) = mask[i], before.centre[i].float().tolist()
+        if task[i] == "translate":
+            dx, dy = (direction[i].float() * move_fraction * torch.tensor([w, h])).tolist()
+            r = m.clone()
+            for sx in {math.floor(dx), math.ceil(dx)}:
+                for sy in {math.floor(dy), math.ceil(dy)}:
+                    r |= _shifted(m, sx, sy)
+        elif task[i] == "scale":
+            # the shape reaches up to a pixel past its half-covered mask: pad, then grow
+            x0, y0, x1, y1 = (before.box[i].float() + torch.tensor([-1, -1, 1, 1])).tolist()
+            f = max(float(factor[i]), 1.0)
+            box = (
+                (xs >= cx + f * (x0 - cx))
+                & (xs <= cx + f * (x1 - cx))
+                & (ys >= cy + f * (y0 - cy))
+                & (ys <= cy + f * (y1 - cy))
+            )
+            r = m | box
+        elif task[i] == "rotate":
+            dist = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()  # [H, W]
+            radius = dist[m].max() + math.sqrt(0.5)  # the farthest pixel's far corner
+            r = m | (dist <= radius)
+        else:
+            continue
+        region[i] = r
+    if margin > 0:
+        k = 2 * margin + 1
+        region = torch.nn.functional.max_pool2d(region[:, None].float(), k, 1, margin)[:, 0] > 0
+    return region
+
+
+def _shifted(mask: Tensor, dx: int, dy: int) -> Tensor:
+    """mask [H, W] moved by (dx, dy) whole pixels, what leaves the frame dropped."""
+    h, w = mask.shape
+    out = torch.zeros_like(mask)
+    ys, xs = slice(max(dy, 0), min(h + dy, h)), slice(max(dx, 0), min(w + dx, w))
+    out[ys, xs] = mask[max(-dy, 0) : min(h - dy, h), max(-dx, 0) : min(w - dx, w)]
+    return out

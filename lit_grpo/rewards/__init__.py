@@ -1,5 +1,7 @@
-"""Rewards under one contract (`base.py`) and the spatial rewards (over `lit_grpo.perception`)."""
+"""Rewards under one contract (`base.py`), the spatial rewards (over `lit_grpo.perception`) and
+RC-GRPO's attention concentration reward (`attention.py`)."""
 
+from lit_grpo.rewards.attention import AttentionConcentrationReward
 from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
 from lit_grpo.rewards.regions import RegionReward
 from lit_grpo.rewards.scoring import Scorer, Scores
@@ -11,6 +13,7 @@ from lit_grpo.rewards.spatial import (
 )
 
 __all__ = [
+    "AttentionConcentrationReward",
     "BackgroundReward",
     "EditSpec",
     "RegionReward",

@@ -72,7 +72,13 @@ class RewardInputs:
     `EditSpec`; before / after: detections of the object in source and edit; ids: [N]
     sample identifiers of the rows (for logging; not ground truth), or None;
     source_objects: [N, H, W] bool, every object the segmenter sees in the source (filled
-    when a reward sets `needs_scene` and the segmenter is a `SceneSegmenter`), or None."""
+    when a reward sets `needs_scene` and the segmenter is a `SceneSegmenter`), or None.
+
+    For attention rewards, when the stage records them (None otherwise):
+    attention: [N, L, rows, cols] the instruction tokens' attention over the edit's image
+        tokens, averaged over the sampled steps (padding tokens 0);
+    attention_region: [N, rows, cols] the share of each token that the edit region covers
+        (the policy's `pixel_to_tokens` of `perception.geometry.edit_region`)."""
 
     images: Tensor
     source: Tensor
@@ -82,6 +88,8 @@ class RewardInputs:
     after: Detections
     ids: Tensor | None = None
     source_objects: Tensor | None = None
+    attention: Tensor | None = None
+    attention_region: Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:

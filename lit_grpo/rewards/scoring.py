@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_grpo.perception.detections import Detections
 from lit_grpo.perception.segmenters import ColourSegmenter, SceneSegmenter, Segmenter
 from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
 
@@ -37,11 +38,23 @@ class Scorer(nn.Module):
         self.segmenter = segmenter or ColourSegmenter()
 
     @torch.no_grad()
-    def observe(self, images: Tensor, batch: dict, repeats: int = 1) -> RewardInputs:
+    def observe(
+        self,
+        images: Tensor,
+        batch: dict,
+        repeats: int = 1,
+        attention: Tensor | None = None,
+        attention_region: Tensor | None = None,
+        before: Detections | None = None,
+    ) -> RewardInputs:
         """What the rewards see of `images` [B * repeats, 3, H, W], the edits of the batch's
-        B conditions (each `repeats` times in a row)."""
+        B conditions (each `repeats` times in a row). `attention` [B * repeats, L, rows,
+        cols] and `attention_region` [B * repeats, rows, cols] are passed through for
+        attention rewards; `before` (the B sources' detections) saves segmenting the sources
+        again when the caller already has them."""
         spec = EditSpec.from_batch(batch).repeat_interleave(repeats)
-        before = self.segmenter(batch["source"], batch["object"])
+        if before is None:
+            before = self.segmenter(batch["source"], batch["object"])
         ids = batch.get("index")
         scene = None
         if any(r.needs_scene for r in self.rewards):
@@ -61,6 +74,8 @@ class Scorer(nn.Module):
             after=self.segmenter(images, spec.object),
             ids=None if ids is None else torch.as_tensor(ids).repeat_interleave(repeats),
             source_objects=scene,
+            attention=attention,
+            attention_region=attention_region,
         )
 
     @torch.no_grad()

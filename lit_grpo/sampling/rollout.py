@@ -6,7 +6,8 @@
         v = policy.velocity(x_i, sigma_i, condition)
         i == exit step  -> x_0 = x_i - sigma_i * v                 (early exit, Talk2Move)
         i an SDE step   -> x_i+1 ~ N(mean, std^2), log p recorded  (Flow-GRPO; noise.step(...))
-        otherwise       -> x_i+1 = x_i + (sigma_i+1 - sigma_i) v   (ODE)
+        otherwise       -> x_i+1 = x_i + (sigma_i+1 - sigma_i) v   (ODE; recorded if trained,
+                                                                    Neighbor GRPO's steps)
     images = policy.decode(x_0)
 
 The trajectory is kept in float32 (the network sees it in the policy's latent dtype), so
@@ -36,15 +37,18 @@ class RolloutRecord:
     """G rollouts for each of B conditions, N = B * G rows (a group's rows are contiguous).
 
     condition:   the encoded condition, repeated per rollout (N rows)
-    states:      [N, K, C, h, w] float32 latents entering each trained SDE step
-    next_states: [N, K, C, h, w] float32 latents those steps sampled
-    log_prob_elements: [N, K, C, h, w] float32 per-element log-probabilities (old policy)
+    states:      [N, K, C, h, w] float32 latents entering each trained step
+    next_states: [N, K, C, h, w] float32 latents those steps sampled (SDE) or reached (ODE)
+    log_prob_elements: [N, K, C, h, w] float32 per-element log-probabilities (old policy) of
+                 trained SDE steps; None when the trained steps are ODE steps (a plan trains
+                 one kind: Neighbor GRPO trains ODE steps and scores them by distances)
     train_steps: the K schedule indices of the trained steps
     sigmas:      [K] noise level of each trained step; sigma_next: [K] the level after it
     sigma_max:   the schedule's second sigma (the SDE std's denominator at sigma = 1)
     latents:     [N, C, h, w] the final latents;  images: [N, 3, H, W] decoded, in [0, 1]
     attention:   [N, L, rows, cols] instruction-to-image attention averaged over the
                  sampled steps (None unless asked for)
+    regions:     [N, h, w] the edit regions the noise builder was given (None if none)
     """
 
     condition: "Condition"
@@ -59,6 +63,7 @@ class RolloutRecord:
     images: Tensor
     group_size: int
     attention: Tensor | None = None
+    regions: Tensor | None = None
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -117,6 +122,13 @@ class RolloutSampler:
         """Roll out `group_size` edits of each (source [B, 3, H, W], instruction)."""
         if not plan.train_steps:
             raise ValueError("the sampling plan trains no step: nothing to record")
+        sde_trained = [k in plan.sde_steps for k in plan.train_steps]
+        if any(sde_trained) and not all(sde_trained):
+            raise ValueError(
+                f"the plan trains SDE and ODE steps together ({plan.train_steps}, SDE steps "
+                f"{plan.sde_steps}); a policy objective takes one kind: train either only SDE "
+                "steps (log-probabilities) or only ODE steps (Neighbor GRPO's distances)"
+            )
         g = group_size
         cond = policy.encode_condition(source, instructions).repeat_interleave(g)
         n = source.shape[0] * g
@@ -141,14 +153,18 @@ class RolloutSampler:
                         logps.append(step.log_prob)
                     x = step.sample
                 else:
-                    x = ode_step(x, v.float(), sigmas[i], sigmas[i + 1])
+                    x_next = ode_step(x, v.float(), sigmas[i], sigmas[i + 1])
+                    if i in plan.train_steps:  # a trained ODE step (Neighbor GRPO): no log-prob
+                        states.append(x)
+                        nexts.append(x_next)
+                    x = x_next
         steps = torch.tensor(plan.train_steps, device=source.device, dtype=torch.long)
         latents = x.to(dtype)
         return RolloutRecord(
             condition=cond,
             states=torch.stack(states, 1),
             next_states=torch.stack(nexts, 1),
-            log_prob_elements=torch.stack(logps, 1),
+            log_prob_elements=torch.stack(logps, 1) if logps else None,
             train_steps=tuple(plan.train_steps),
             sigmas=sigmas[steps],
             sigma_next=sigmas[steps + 1],
@@ -157,6 +173,7 @@ class RolloutSampler:
             images=policy.decode(latents),
             group_size=g,
             attention=torch.stack(maps).mean(0) if attention else None,
+            regions=regions,
         )
 
     def rescore(self, policy: "EditPolicy", record: RolloutRecord, rows: Tensor, k: int) -> SDEStep:

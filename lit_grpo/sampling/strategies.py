@@ -8,6 +8,7 @@ never branches on the strategy (shared/STYLE.md: separate pieces, not mode flags
 | FullTrajectory  | 0 .. T-2           | the same      | one ODE step to sigma = 0      | T / T-1          |
 | SlidingWindow   | s .. s+W-1         | the same      | ODE steps to the end           | T / W            |
 | EarlyExit       | 0 .. K-1           | the same      | one-step shortcut x0 = x - s*v | K+1 / K          |
+| ODETrajectory   | none               | chosen steps  | (ODE throughout)               | T / len(steps)   |
 
 The last step (sigma_next = 0) is never an SDE step: its Gaussian is degenerate.
 """
@@ -90,3 +91,24 @@ class EarlyExit(SamplingStrategy):
         k = min(self.exit_step, num_steps - 1)
         steps = tuple(range(k))
         return SamplingPlan(steps, steps, exit_step=k)
+
+
+class ODETrajectory(SamplingStrategy):
+    """Neighbor GRPO (arXiv 2511.16955): deterministic ODE sampling throughout, the chosen
+    steps recorded for training (the randomness of a group is in its initial noise only).
+
+    `steps`: the schedule indices to train (None: every step). The paper trains on a subset
+    of the timesteps and does not pin which; every step is our default at ShapeWorld's short
+    schedules.
+    """
+
+    def __init__(self, steps: list[int] | None = None):
+        if steps is not None and (not steps or min(steps) < 0):
+            raise ValueError(f"steps must be non-empty schedule indices >= 0, got {steps}")
+        self.steps = None if steps is None else tuple(sorted(set(steps)))
+
+    def plan(self, num_steps: int, train_step: int = 0) -> SamplingPlan:
+        steps = tuple(range(num_steps)) if self.steps is None else self.steps
+        if max(steps) >= num_steps:
+            raise ValueError(f"train steps {steps} do not fit a schedule of {num_steps} steps")
+        return SamplingPlan((), steps)
