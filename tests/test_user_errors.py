@@ -1,0 +1,100 @@
+"""Hostile input gets one clear message: exit code 2, one line naming the file or key and
+what to do, no traceback (issue 14)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_grpo.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SFT, GRPO = str(ROOT / "configs/sft.yaml"), str(ROOT / "configs/talk2move.yaml")
+
+
+def error_of(capsys, *args) -> str:
+    """Run the CLI in-process; it must refuse with exit code 2 and one line on stderr."""
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "config,arg,message",
+    [
+        (GRPO, "--model.init_args.group_size=0", "GRPOModule: group_size must be >= 2"),
+        (GRPO, "--model.init_args.group_size=1", "group_size must be >= 2 for group advantages"),
+        (SFT, "--data.init_args.batch_size=0", "ShapeWorldDataModule: batch_size must be >= 1"),
+        (SFT, "--trainer.max_steps=0", "trainer.max_steps is 0: the fit would train nothing"),
+        (
+            GRPO,
+            "--model.init_args.strategy.init_args.exit_step=20",
+            "exit_step 20 is past the schedule of sample_steps=10",
+        ),
+        (
+            GRPO,
+            "--model.init_args.policy.init_args.width=32",
+            "shapeworld_sft.safetensors was trained with another architecture (width: file 128 "
+            "vs config 32)",
+        ),
+    ],
+    ids=["group_size=0", "group_size=1", "batch_size=0", "max_steps=0", "exit_step", "weights"],
+)
+def test_bad_arguments_are_refused_in_one_line(in_tmp, capsys, config, arg, message):
+    assert message in error_of(capsys, "fit", "--config", config, arg)
+    assert not list(in_tmp.glob("runs/*"))  # refused before a run folder or checkpoint
+
+
+def test_exit_step_past_the_schedule_is_refused_by_the_module():
+    from test_grpo import make_module
+
+    from lit_grpo.sampling.strategies import EarlyExit
+
+    with pytest.raises(ValueError, match="exit_step 20 is past .* sample_steps=10"):
+        make_module(strategy=EarlyExit(exit_step=20), sample_steps=10)
+    make_module(strategy=EarlyExit(exit_step=9), sample_steps=10)  # the last step is fine
+
+
+def fake_checkpoint(path: Path, module: str) -> Path:
+    """What LightningCLI stores of a stage: its class path among the hyper-parameters."""
+    torch.save({"hyper_parameters": {"_class_path": f"lit_grpo.modules.{module}"}}, path)
+    return path
+
+
+def test_unreadable_checkpoints_are_named_without_weights_only_advice(in_tmp, capsys):
+    good = fake_checkpoint(in_tmp / "good.ckpt", "SFTModule").read_bytes()
+    (in_tmp / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    (in_tmp / "corrupt.ckpt").write_bytes(b"\x80\x04not a pickle at all")
+    for name in ("truncated.ckpt", "corrupt.ckpt"):
+        line = error_of(capsys, "fit", "--config", SFT, f"--ckpt_path={name}")
+        assert f"checkpoint (--ckpt_path) {name} is not a readable checkpoint" in line
+        assert "weights_only" not in line
+    # the same file given to export or edit
+    line = error_of(capsys, "export", "truncated.ckpt", "out.safetensors")
+    assert "truncated.ckpt is not a readable checkpoint" in line
+
+
+def test_a_checkpoint_of_the_other_stage_is_refused_by_name(in_tmp, capsys):
+    sft = fake_checkpoint(in_tmp / "sft.ckpt", "SFTModule")
+    grpo = fake_checkpoint(in_tmp / "grpo.ckpt", "GRPOModule")
+    line = error_of(capsys, "fit", "--config", GRPO, f"--ckpt_path={sft}")
+    assert "this checkpoint was written by SFTModule; this config trains GRPOModule" in line
+    assert f"policy.init_args.weights={sft}" in line  # how to start GRPO from it instead
+    line = error_of(capsys, "fit", "--config", SFT, f"--ckpt_path={grpo}")
+    assert "this checkpoint was written by GRPOModule; this config trains SFTModule" in line
+
+
+def test_config_typo_in_an_interpolation_and_non_utf8_config_name_the_file(in_tmp, capsys):
+    text = Path(GRPO).read_text()
+    assert "${model.init_args.group_size}" in text
+    typo = in_tmp / "typo.yaml"
+    typo.write_text(text.replace("${model.init_args.group_size}", "${model.init_args.group_sise}"))
+    line = error_of(capsys, "fit", "--config", str(typo))
+    assert f"config file {typo}: ${{model.init_args.group_sise}} names no key" in line
+    latin = in_tmp / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\n" + Path(SFT).read_bytes())
+    line = error_of(capsys, "fit", "--config", str(latin))
+    assert f"config file {latin} is not UTF-8 text (byte 0xe9 on line 1)" in line
