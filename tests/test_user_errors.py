@@ -98,3 +98,48 @@ def test_config_typo_in_an_interpolation_and_non_utf8_config_name_the_file(in_tm
     latin.write_bytes(b"# caf\xe9\n" + Path(SFT).read_bytes())
     line = error_of(capsys, "fit", "--config", str(latin))
     assert f"config file {latin} is not UTF-8 text (byte 0xe9 on line 1)" in line
+
+
+@pytest.fixture
+def png(tmp_path):
+    """A 45x30 px image: neither square nor a multiple of the editor's 4 px patch."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 45, 3), np.uint8)).save(path)
+    return path
+
+
+def test_edit_refuses_bad_instruction_size_and_device(png, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    edit = ["edit", "--image", str(png), "--out", str(out)]
+    move = [*edit, "--instruction", "move the red circle left"]
+    line = error_of(capsys, *edit, "--instruction", "move the \udcff circle")  # bytes, not UTF-8
+    assert "--instruction 'move the \\udcff circle' is not UTF-8 text" in line
+    with pytest.raises(SystemExit) as exit_:
+        main([*edit, "--instruction", " \t "])
+    assert exit_.value.code == 2 and "--instruction is empty" in capsys.readouterr().err
+    # refused at once (it used to run for hours), with the limit stated
+    line = error_of(capsys, *move, "--size", "2048")
+    assert "cannot edit at 2048x2048 px (--size): edit's limit is 512 px a side" in line
+    line = error_of(capsys, *move, "--size", "45x30")
+    assert "cannot edit a 45x30 px image" in line and "multiples of the patch size 4" in line
+    for device in ("foo", "meta"):
+        assert f"--device {device!r} is not a device edit can use" in error_of(
+            capsys, *move, "--device", device
+        )
+    if not torch.cuda.is_available():
+        assert "no cuda device is available here" in error_of(capsys, *move, "--device", "cuda")
+    assert not out.exists()
+    # an odd-sized input is resized to the resolution the built-in editor was trained at
+    assert main(move) == 0
+    assert "resized to 32x32 px" in capsys.readouterr().out and out.exists()
+
+
+def test_export_names_an_output_folder_it_cannot_create(tmp_path, capsys):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    line = error_of(capsys, "export", "shapeworld-sft", str(tmp_path / "afile/x.safetensors"))
+    assert f"cannot write the output directory (OUT) at {tmp_path / 'afile'}" in line
+    assert main(["export", "shapeworld-sft", str(tmp_path / "new/x.safetensors")]) == 0
+    assert (tmp_path / "new/x.safetensors").is_file()  # a missing folder is created
