@@ -143,3 +143,40 @@ def test_export_names_an_output_folder_it_cannot_create(tmp_path, capsys):
     assert f"cannot write the output directory (OUT) at {tmp_path / 'afile'}" in line
     assert main(["export", "shapeworld-sft", str(tmp_path / "new/x.safetensors")]) == 0
     assert (tmp_path / "new/x.safetensors").is_file()  # a missing folder is created
+
+
+def _start_logger(root: str, barrier, results) -> None:
+    from lit_grpo.loggers import MLflowLogger
+
+    barrier.wait()  # both processes create the store at the same moment
+    try:
+        logger = MLflowLogger(experiment_name="together", root=root)
+        results.put(("ok", logger.experiment.get_run(logger.run_id).info.run_id))
+    except Exception as err:  # reported to the test, not lost in the child
+        results.put(("error", f"{type(err).__name__}: {err}"[:300]))
+
+
+def test_two_runs_starting_together_on_a_fresh_mlflow_store_both_live(tmp_path, monkeypatch):
+    """MLflow creates a sqlite store's tables without a lock: one of two runs starting
+    together used to die with `duplicate column name: step`, its run lost."""
+    import multiprocessing
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import this checkout
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    workers = [
+        ctx.Process(target=_start_logger, args=(str(tmp_path), barrier, results)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [status for status, _ in outcomes] == ["ok", "ok"], outcomes
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "together"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.info.run_id for r in runs} == {run_id for _, run_id in outcomes}
