@@ -5,7 +5,9 @@ constructors are the schema, so a typo in a key is reported with its name. Confi
 OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
 """
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -144,6 +146,21 @@ class LitGRPOCLI(LightningCLI):
             elif isinstance(init.get("weights"), str):  # a policy's weights
                 resolve_weights_path(init["weights"])
 
+    def instantiate_trainer(self, **kwargs):
+        from lightning.pytorch.callbacks import RichModelSummary
+
+        from lit_grpo.callbacks import ModelSummary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's default summary prints a FLOPs count of 0 (nothing measured it)
+        trainer.callbacks = [
+            ModelSummary(cb._max_depth, **cb._summarize_kwargs)
+            if type(cb) is RichModelSummary
+            else cb
+            for cb in trainer.callbacks
+        ]
+        return trainer
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -256,9 +273,42 @@ def _classes_in(tree):
             yield from _classes_in(value)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+LIGHTNING_TIPS = _DropMessages("💡 Tip: For seamless cloud logging")
+
+
+def quiet_lightning() -> None:
+    """Silence what a normal run would print that the user cannot act on (and only that):
+    Lightning's advert for litlogger; torch's LeafSpec deprecation, raised inside
+    Lightning's own `_pytree.py`; and "Found N module(s) in eval mode", which our stages
+    cause on purpose (frozen reward judges, segmenter and metric networks). Installed by the
+    CLI, not at import of the library."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
+    )
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if LIGHTNING_TIPS not in rank_zero.filters:
+        rank_zero.addFilter(LIGHTNING_TIPS)
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run a Lightning subcommand; `args` None reads sys.argv (LightningCLI's own rule)."""
     from lightning.pytorch import LightningDataModule, LightningModule
+
+    quiet_lightning()
 
     return LitGRPOCLI(
         LightningModule,

@@ -1,6 +1,8 @@
 """Hostile input gets one clear message: exit code 2, one line naming the file or key and
 what to do, no traceback (issue 14)."""
 
+import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,50 @@ def test_two_runs_starting_together_on_a_fresh_mlflow_store_both_live(tmp_path, 
     (experiment,) = [e for e in client.search_experiments() if e.name == "together"]
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_id for r in runs} == {run_id for _, run_id in outcomes}
+
+
+NOISE = (
+    "litlogger",  # Lightning's advert
+    "LeafSpec",  # torch's deprecation, raised inside Lightning's _pytree.py
+    "in eval mode at the start of training",  # our frozen judges, on purpose
+    "FLOPs",  # a count nothing measured: Total FLOPs: 0
+)
+
+
+def test_a_normal_fit_prints_only_what_matters_and_its_checkpoint_keeps_its_stage(in_tmp, capsys):
+    import subprocess
+    import sys
+
+    from test_cli import TINY
+
+    code = f"from lit_grpo.cli import run_cli; run_cli(['fit', '--config', {SFT!r}, *{TINY!r}])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout, not the editable install's
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=in_tmp, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout + out.stderr
+    assert "Total params" in printed and "max_steps=4` reached" in printed  # still said
+    assert [n for n in NOISE if n in printed] == [], printed
+    # the SFT checkpoint of that run, given to the GRPO config, is refused by name
+    (last,) = in_tmp.rglob("last.ckpt")
+    line = error_of(capsys, "fit", "--config", GRPO, f"--ckpt_path={last}")
+    assert "this checkpoint was written by SFTModule; this config trains GRPOModule" in line
+
+
+def test_the_cli_silences_exactly_the_eval_mode_warning_of_a_grpo_fit():
+    """A GRPO fit's frozen reward judges are in eval mode on purpose; other warnings stay."""
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    from lit_grpo.cli import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        for message in (
+            "Found 2 module(s) in eval mode at the start of training.",
+            "Found 2 modules that did something else",
+        ):
+            warnings.warn(message, PossibleUserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["Found 2 modules that did something else"]
