@@ -29,3 +29,32 @@ def ensure_file(path: str | os.PathLike, what: str, hint: str) -> Path:
 
 class ConfigError(ValueError):
     """A user mistake in a config or argument; the CLI prints it without a traceback."""
+
+
+def read_checkpoint(path: str | os.PathLike, what: str) -> dict:
+    """A torch checkpoint as a dict, loaded with `weights_only=True` (never arbitrary pickles).
+
+    A truncated or corrupt file, or one whose pickle needs more than tensors and plain values,
+    is reported as not a readable checkpoint; we do not pass on torch's advice to retry with
+    `weights_only=False`, which would run whatever code the file holds.
+    """
+    import pickle
+
+    import torch
+
+    try:  # mmap: only what is used is read (the hyper-parameters, not every tensor)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        reason = "it is truncated, corrupt or not a file torch.save wrote"
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "it holds objects other than tensors and plain values, or is damaged"
+        raise ConfigError(
+            f"{what} {path} is not a readable checkpoint: {reason}. Pass a .ckpt written by "
+            "a lit_grpo run (runs/<experiment>/<run>/checkpoints/)"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(
+            f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint: pass a .ckpt "
+            "written by a lit_grpo run"
+        )
+    return ckpt

@@ -5,12 +5,15 @@ constructors are the schema, so a typo in a key is reported with its name. Confi
 OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
 """
 
+import logging
+import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from lit_grpo.checks import ensure_file, ensure_writable_dir
+from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir, read_checkpoint
 from lit_grpo.policies.weights import resolve_weights_path
 
 TRAINER_DEFAULTS = {
@@ -72,8 +75,49 @@ def _is_class_list(value) -> bool:
 class LitGRPOCLI(LightningCLI):
     """LightningCLI with lit_grpo's defaults (MLflow, `runs/`) and up-front input checks."""
 
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(_config_files(args), err) from None
+        except Exception as err:
+            from omegaconf.errors import OmegaConfBaseException
+
+            if not isinstance(err, OmegaConfBaseException):
+                raise
+            raise _bad_interpolation(_config_files(args), err) from None
+        # before LightningCLI reads the checkpoint's hyper-parameters into the config
+        self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if not ckpt or ckpt in SPECIAL_CKPTS or "://" in str(ckpt):
+            return
+        what = "checkpoint (--ckpt_path)"
+        path = ensure_file(
+            ckpt,
+            what,
+            "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
+            "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
+        )
+        written = (read_checkpoint(path, what).get("hyper_parameters") or {}).get("_class_path")
+        model = config.get("model")
+        wanted = model.get("class_path") if hasattr(model, "get") else None
+        if written and wanted and written != wanted:
+            name, mine = written.rsplit(".", 1)[-1], wanted.rsplit(".", 1)[-1]
+            raise ConfigError(
+                f"{what} {path}: this checkpoint was written by {name}; this config trains "
+                f"{mine}. Resume with a checkpoint of a {mine} run, or start this stage from "
+                f"the {name} policy with --model.init_args.policy.init_args.weights={path} "
+                "and no --ckpt_path"
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            _check_training_length(config.trainer)
         root = config.trainer.get("default_root_dir") or "."
         ensure_writable_dir(root, "output directory (trainer.default_root_dir)")
         logger = config.trainer.get("logger")
@@ -101,14 +145,118 @@ class LitGRPOCLI(LightningCLI):
                 check_clip_files(init.get("model", ""), init.get("pretrained", ""))
             elif isinstance(init.get("weights"), str):  # a policy's weights
                 resolve_weights_path(init["weights"])
-        ckpt = config.get("ckpt_path")
-        if ckpt and ckpt not in SPECIAL_CKPTS and "://" not in str(ckpt):
-            ensure_file(
-                ckpt,
-                "checkpoint (--ckpt_path)",
-                "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
-                "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
+
+    def instantiate_trainer(self, **kwargs):
+        from lightning.pytorch.callbacks import RichModelSummary
+
+        from lit_grpo.callbacks import ModelSummary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's default summary prints a FLOPs count of 0 (nothing measured it)
+        trainer.callbacks = [
+            ModelSummary(cb._max_depth, **cb._summarize_kwargs)
+            if type(cb) is RichModelSummary
+            else cb
+            for cb in trainer.callbacks
+        ]
+        return trainer
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            found = _user_error(err)
+            if found is None:
+                raise
+            raise found from None
+
+
+def _check_training_length(trainer) -> None:
+    """A fit that would train nothing is a mistake, not a run to record as FINISHED."""
+    if trainer.get("max_steps") == 0:
+        raise ConfigError(
+            "trainer.max_steps is 0: the fit would train nothing. Set --trainer.max_steps to "
+            "the number of optimiser steps to train (-1: no limit, stop on max_epochs/max_time)"
+        )
+    if trainer.get("max_epochs") == 0:
+        raise ConfigError(
+            "trainer.max_epochs is 0: the fit would train nothing. Set --trainer.max_epochs "
+            "to 1 or more, or leave it unset"
+        )
+
+
+def _user_error(err: BaseException) -> ConfigError | None:
+    """The user's mistake behind an error from building the classes of a config, if any.
+
+    jsonargparse wraps a constructor's error in its own ("Does not validate against any of
+    the Union subtypes ...", the original as `__cause__`), once per level of nesting. The
+    mistake is a `ConfigError`, or a ValueError raised by the `__init__` of a lit_grpo class
+    itself: that is an argument check, and its message names the argument.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConfigError):
+            return err
+        if type(err) is ValueError:
+            owner = _raising_constructor(err)
+            if owner is not None:
+                return ConfigError(f"{owner}: {err}")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _raising_constructor(err: BaseException) -> str | None:
+    """The class name if `err` was raised directly by the `__init__` of a lit_grpo class."""
+    tb = err.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    package = str(Path(__file__).resolve().parent)
+    if frame.f_code.co_name != "__init__" or not frame.f_code.co_filename.startswith(package):
+        return None
+    owner = frame.f_locals.get("self")
+    return type(owner).__name__ if owner is not None else None
+
+
+def _config_files(args) -> list[str]:
+    """The files given with --config, in order."""
+    argv = sys.argv[1:] if args is None else [str(a) for a in args]
+    files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def _not_utf8(files: list[str], err: UnicodeDecodeError) -> ConfigError:
+    for name in files:
+        data = Path(name).read_bytes() if Path(name).is_file() else b""
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data[: bad.start].count(b"\n") + 1
+            return ConfigError(
+                f"config file {name} is not UTF-8 text (byte {data[bad.start]:#04x} on line "
+                f"{line}); save it as UTF-8"
             )
+    return ConfigError(f"a config file is not UTF-8 text ({err}); save it as UTF-8")
+
+
+def _bad_interpolation(files: list[str], err: Exception) -> ConfigError:
+    """An OmegaConf error of a config (an interpolation of a missing key, bad syntax)."""
+    import re
+
+    message = str(err).strip().splitlines()[0]
+    key = re.search(r"Interpolation key '([^']+)' not found", message)
+    if key:
+        needle = "${" + key[1] + "}"
+        where = [f for f in files if Path(f).is_file() and needle in Path(f).read_text()]
+        return ConfigError(
+            f"config file {where[0] if where else ', '.join(files)}: {needle} names no key of "
+            f"the config ({key[1]!r} not found). Check its spelling against the keys that "
+            "--print_config lists"
+        )
+    return ConfigError(f"config file {', '.join(files) or '?'}: {message}")
 
 
 def _classes_in(tree):
@@ -125,9 +273,42 @@ def _classes_in(tree):
             yield from _classes_in(value)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+LIGHTNING_TIPS = _DropMessages("💡 Tip: For seamless cloud logging")
+
+
+def quiet_lightning() -> None:
+    """Silence what a normal run would print that the user cannot act on (and only that):
+    Lightning's advert for litlogger; torch's LeafSpec deprecation, raised inside
+    Lightning's own `_pytree.py`; and "Found N module(s) in eval mode", which our stages
+    cause on purpose (frozen reward judges, segmenter and metric networks). Installed by the
+    CLI, not at import of the library."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
+    )
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if LIGHTNING_TIPS not in rank_zero.filters:
+        rank_zero.addFilter(LIGHTNING_TIPS)
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run a Lightning subcommand; `args` None reads sys.argv (LightningCLI's own rule)."""
     from lightning.pytorch import LightningDataModule, LightningModule
+
+    quiet_lightning()
 
     return LitGRPOCLI(
         LightningModule,

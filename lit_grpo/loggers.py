@@ -6,12 +6,14 @@ point it at `sqlite:///<root>/mlflow.db` with artifacts under `<root>/artifacts`
 Lightning only when the run starts.
 """
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from torch import Tensor
 
 from lit_grpo.checks import ensure_writable_dir
@@ -57,15 +59,43 @@ class MLflowLogger(MLFlowLogger):
             artifacts = (Path(root).expanduser().resolve() / "artifacts").as_uri()
         # alembic prints a dozen INFO lines when it creates the sqlite schema
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=uri,
-            tags=tags,
-            log_model=log_model,
-            artifact_location=artifacts,
-            run_id=run_id,
-        )
+        with _store_lock(uri):  # MlflowClient(uri) creates a sqlite store's tables
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=uri,
+                tags=tags,
+                log_model=log_model,
+                artifact_location=artifacts,
+                run_id=run_id,
+            )
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The MlflowClient; the first access creates the store, experiment and run.
+
+        MLflow creates (and migrates) a sqlite store's tables without a lock: two runs that
+        start together on a fresh store both run `ALTER TABLE ... ADD COLUMN step`, and one
+        dies with `duplicate column name: step`. Both would also look up the experiment, find
+        none and create it twice. The constructor (which opens the store) and this first
+        access therefore hold a file lock beside the store.
+        """
+        first_access = MLFlowLogger.experiment.fget
+        if self._initialized:
+            return first_access(self)
+        with _store_lock(self._tracking_uri):
+            return first_access(self)
+
+
+def _store_lock(uri: str):
+    """A file lock `<db file>.lock` beside a sqlite store on disk; no lock for other stores."""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{path}.lock", timeout=600)
 
 
 def log_image(trainer, key: str, image: Tensor | np.ndarray, step: int) -> None:

@@ -179,6 +179,7 @@ GRPO_TINY = [
     "--trainer.log_every_n_steps=1",
     "--model.init_args.group_size=3",
     "--model.init_args.sample_steps=3",
+    "--model.init_args.strategy.init_args.exit_step=2",  # the configs' 4 is past 3 steps
     "--model.init_args.eval_steps=2",
     "--data.init_args.resolution=16",
     "--data.init_args.batch_size=2",

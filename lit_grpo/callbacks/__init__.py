@@ -6,12 +6,14 @@ from lit_grpo.callbacks.ema import EMAWeightAveraging
 from lit_grpo.callbacks.lora_export import LoraExporter
 from lit_grpo.callbacks.progress import PhaseProgressBar
 from lit_grpo.callbacks.rollout_images import RolloutImageLogger
+from lit_grpo.callbacks.summary import ModelSummary
 
 __all__ = [
     "EMAWeightAveraging",
     "EarlyExitSelector",
     "LoraExporter",
     "ModelCheckpoint",
+    "ModelSummary",
     "PhaseProgressBar",
     "RolloutImageLogger",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir
 
+MAX_SIDE = 512  # px; the tiny editor's attention makes 2048 px take hours per step
 HELP = "edit one image with a lit_grpo checkpoint, a weights file or built-in weights"
 
 EPILOG = """\
@@ -21,7 +22,8 @@ size:
   --size if given, else the resolution the checkpoint was trained at (a lit_grpo .ckpt,
   a file written by `export` and the built-in shapeworld-sft, 32 px, record it), else the
   input's size. The output has that size too. The tiny editor runs at any multiple of
-  4 px, but attention cost grows with the 4th power of the side.
+  4 px, but attention cost grows with the 4th power of the side: sides above 512 px
+  are refused (at 512 px one step takes about a minute on two CPU cores).
 
 examples:
   python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
@@ -75,7 +77,17 @@ def main(argv: list[str]) -> int:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if not args.instruction.strip():
         parser.error("--instruction is empty")
+    try:
+        args.instruction.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 text
+        raise ConfigError(
+            f"--instruction {args.instruction!r} is not UTF-8 text; pass the instruction "
+            "in UTF-8 (e.g. set LANG=C.UTF-8 in the shell)"
+        ) from None
     size = _parse_size(args.size, parser) if args.size else None
+    if size:
+        _check_size(size, "--size")
+    device = _parse_device(args.device)
     out = Path(args.out).expanduser()
 
     from PIL import Image, UnidentifiedImageError
@@ -109,7 +121,6 @@ def main(argv: list[str]) -> int:
         )
     weights = resolve_weights_path(args.ckpt)
     policy = load_policy(args.ckpt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = policy.eval().requires_grad_(False).to(device)
     loaded = time.perf_counter() - start
     origin = "built-in weights" if args.ckpt in BUILTIN else str(weights)
@@ -123,6 +134,7 @@ def main(argv: list[str]) -> int:
 
     trained = None if size else trained_resolution(args.ckpt, policy)
     size = size or trained or (image.height, image.width)
+    _check_size(size, "the checkpoint's resolution" if trained else "the input's size")
     note = f" ({mode} converted to RGB)" if mode != "RGB" else ""
     print(f"input   {path}: {image.width}x{image.height} px{note}")
     if (image.height, image.width) != size:
@@ -197,6 +209,44 @@ def _warn_about_words(policy, instruction: str) -> None:
             f"the first {tokenizer.max_words}",
             file=sys.stderr,
         )
+
+
+def _check_size(size: tuple[int, int], what: str) -> None:
+    if max(size) > MAX_SIDE:
+        raise ConfigError(
+            f"cannot edit at {size[1]}x{size[0]} px ({what}): edit's limit is {MAX_SIDE} px a "
+            "side, as the editor's attention cost grows with the 4th power of the side; pass "
+            f"--size {MAX_SIDE} or smaller"
+        )
+
+
+def _parse_device(name: str | None):
+    """The torch device to edit on; a name torch does not know, or a GPU that is not here,
+    is refused before the policy is loaded."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    available = {"cpu": True, "cuda": torch.cuda.is_available()}
+    if torch.backends.mps.is_available():
+        available["mps"] = True
+    if device is None or device.type not in available:
+        raise ConfigError(
+            f"--device {name!r} is not a device edit can use; choose one of "
+            f"{', '.join(k for k, ok in available.items() if ok)}"
+        )
+    if not available[device.type]:
+        raise ConfigError(f"--device {name!r}: no {device.type} device is available here; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+    return device
 
 
 def _parse_size(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:

@@ -19,6 +19,11 @@ def main(argv: list[str]) -> int:
     if not args.out.endswith(".safetensors"):
         parser.error(f"OUT must end in .safetensors, got {args.out!r}")
 
+    from pathlib import Path
+
+    from lit_grpo.checks import ensure_writable_dir
+
+    ensure_writable_dir(Path(args.out).expanduser().parent, "output directory (OUT)")
     from lit_grpo.policies.weights import load_policy, recorded_resolution, save_policy_weights
 
     policy = load_policy(args.ckpt)

@@ -40,6 +40,10 @@ class ShapeWorldDataModule(L.LightningDataModule):
         objects: tuple[int, int] = (1, 3),
     ):
         super().__init__()
+        if batch_size < 1:  # the DataLoader would refuse it only once training starts
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         common = dict(
             resolution=resolution,

@@ -124,6 +124,15 @@ class GRPOModule(PolicyStage):
             raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
         if max_nonfinite_in_a_row < 1:
             raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {max_nonfinite_in_a_row}")
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        if isinstance(strategy, EarlyExit) and strategy.exit_step >= sample_steps:
+            # EarlyExit.plan would clamp it to the last step and train something else
+            raise ValueError(
+                f"the EarlyExit strategy's exit_step {strategy.exit_step} is past the "
+                f"schedule of sample_steps={sample_steps} (steps 0..{sample_steps - 1}); set "
+                f"exit_step to at most {sample_steps - 1} or raise sample_steps"
+            )
         if lora is None and kl_beta > 0:
             raise ValueError(
                 "kl_beta > 0 needs a LoRA adapter: the reference is the adapter-off view"

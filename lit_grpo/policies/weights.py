@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_grpo.checks import ConfigError
+from lit_grpo.checks import ConfigError, read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BUILTIN = {"shapeworld-sft": WEIGHTS_DIR / "shapeworld_sft.safetensors"}
@@ -99,7 +99,7 @@ def recorded_resolution(weights: str) -> tuple[int, int] | None:
         with safe_open(str(path), "pt") as f:
             value = (f.metadata() or {}).get("resolution")
     else:  # mmap: only the small dict of hyper-parameters is read
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_checkpoint(path, "checkpoint")
         value = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
     if value is None:
         return None
@@ -126,11 +126,8 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
         config = json.loads(meta.get("config", "{}"))
         cls = meta.get("class")
     else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise IncompatibleWeightsError(f"could not read checkpoint {path}: {err}") from err
-        entry = ckpt.get("lit_grpo_policy") if isinstance(ckpt, dict) else None
+        ckpt = read_checkpoint(path, "checkpoint")
+        entry = ckpt.get("lit_grpo_policy")
         if entry is None:
             raise IncompatibleWeightsError(
                 f"{path} holds no lit_grpo policy (no 'lit_grpo_policy' entry): it was not "
