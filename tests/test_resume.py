@@ -1,0 +1,142 @@
+"""Exact resume (issue 14): a GRPO run stopped or killed after a checkpoint and resumed with
+`ckpt_path` trains the same weights, bit for bit, as a run never stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_grpo.callbacks import ModelCheckpoint
+from lit_grpo.datamodules import ShapeWorldDataModule
+from lit_grpo.datamodules.resumable import EpochSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+# 8 training samples in batches of 2: 4 batches an epoch, so 6 steps cross an epoch boundary
+STEPS = 6
+
+
+def tiny_module():
+    from test_grpo import make_module
+
+    # minibatches=2: the update shuffles its rows, a draw the checkpoint must also hold
+    return make_module(group_size=3, sample_steps=3, minibatches=2)
+
+
+def tiny_data():
+    return ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=8)
+
+
+def train(root: Path, steps: int, ckpt_path: str | None = None, callbacks=()) -> dict:
+    """Fit the tiny GRPO module to `steps` (from `ckpt_path` if given); its LoRA weights."""
+    from test_grpo import lora_params, quiet_trainer
+
+    module = tiny_module()
+    checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+    trainer = quiet_trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        enable_checkpointing=True,
+        default_root_dir=root,
+        callbacks=[checkpoint, *callbacks],
+    )
+    trainer.fit(module, tiny_data(), ckpt_path=ckpt_path)
+    assert trainer.global_step == steps and module.iteration == steps
+    return lora_params(module)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    return train(tmp_path_factory.mktemp("whole"), STEPS)
+
+
+def assert_bitwise_equal(resumed: dict, whole: dict) -> None:
+    assert resumed.keys() == whole.keys() and whole
+    differ = {n: (resumed[n] - whole[n]).abs().max().item() for n in whole}
+    assert not any(differ.values()), f"max |difference| per tensor: {differ}"
+
+
+@pytest.mark.parametrize("stop", [3, 4], ids=["mid-epoch", "epoch-end"])
+def test_a_stopped_run_resumed_from_last_ckpt_trains_the_same_weights(
+    tmp_path, uninterrupted, stop
+):
+    train(tmp_path, stop)
+    resumed = train(tmp_path, STEPS, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert_bitwise_equal(resumed, uninterrupted)
+
+
+class _Batches(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(tuple(batch["instruction"]))
+
+
+def test_the_data_order_resumes_mid_epoch_without_repeating_or_skipping_a_batch(tmp_path):
+    whole, first, second = _Batches(), _Batches(), _Batches()
+    train(tmp_path / "whole", 5, callbacks=[whole])
+    train(tmp_path, 3, callbacks=[first])
+    train(tmp_path, 5, ckpt_path=str(tmp_path / "last.ckpt"), callbacks=[second])
+    assert first.seen + second.seen == whole.seen
+    assert len(set(whole.seen[:4])) == 4  # one epoch: every sample once
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    order = EpochSampler(10, seed=3)
+    first = list(order)
+    order.set_epoch(1)
+    assert list(order) != first and sorted(order) == list(range(10))
+    order.set_epoch(0)
+    assert list(order) == first == list(EpochSampler(10, seed=3))
+    order.skip = 4
+    assert list(order) == first[4:] and list(order) == first  # a skip applies to one pass
+    assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads({threads})  # as the test process: another count sums in another order
+from lit_grpo.callbacks import ModelCheckpoint
+from test_resume import tiny_data, tiny_module
+from test_grpo import quiet_trainer
+
+class KilledAfterSaving(ModelCheckpoint):
+    def on_train_batch_end(self, trainer, *args):
+        super().on_train_batch_end(trainer, *args)
+        if trainer.global_step == {kill_at}:  # the checkpoint of this step is on disk
+            os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint = KilledAfterSaving(dirpath={root!r}, save_last=True, every_n_train_steps={kill_at})
+trainer = quiet_trainer(max_steps={steps}, max_epochs=-1, enable_checkpointing=True,
+                        default_root_dir={root!r}, callbacks=[checkpoint])
+trainer.fit(tiny_module(), tiny_data())
+print("NOT KILLED")
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_after_a_checkpoint_resumes_exactly(tmp_path, uninterrupted):
+    code = KILLED_RUN.format(
+        tests=str(ROOT / "tests"),
+        root=str(tmp_path),
+        kill_at=3,
+        steps=STEPS,
+        threads=torch.get_num_threads(),
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert "NOT KILLED" not in out.stdout
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+    resumed = train(tmp_path, STEPS, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert_bitwise_equal(resumed, uninterrupted)
