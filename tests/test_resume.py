@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lit_grpo.callbacks import ModelCheckpoint
+from lit_grpo.callbacks.checkpoint import AtomicCheckpointIO
 from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.resumable import EpochSampler
 
@@ -46,6 +47,7 @@ def train(root: Path, steps: int, ckpt_path: str | None = None, callbacks=()) ->
     )
     trainer.fit(module, tiny_data(), ckpt_path=ckpt_path)
     assert trainer.global_step == steps and module.iteration == steps
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # our ModelCheckpoint's
     return lora_params(module)
 
 
@@ -104,6 +106,7 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads({threads})  # as the test process: another count sums in another order
 from lit_grpo.callbacks import ModelCheckpoint
+from lit_grpo.callbacks.checkpoint import AtomicCheckpointIO
 from test_resume import tiny_data, tiny_module
 from test_grpo import quiet_trainer
 
@@ -140,3 +143,28 @@ def test_a_run_killed_with_sigkill_after_a_checkpoint_resumes_exactly(tmp_path, 
     assert saved["global_step"] == 3
     resumed = train(tmp_path, STEPS, ckpt_path=str(tmp_path / "last.ckpt"))
     assert_bitwise_equal(resumed, uninterrupted)
+
+
+class Interrupted(AtomicCheckpointIO):
+    """Writes half of the checkpoint, then dies (as a kill or a full disk would stop it)."""
+
+    def write(self, checkpoint, file):
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+
+def test_a_checkpoint_write_interrupted_midway_leaves_the_previous_one_whole(tmp_path):
+    last = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "state_dict": {}}, last)
+    before = last.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted().save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(99)}}, last)
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "new" / "x.ckpt")
+    assert torch.load(tmp_path / "new" / "x.ckpt", weights_only=True) == {"global_step": 5}
