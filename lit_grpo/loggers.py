@@ -70,6 +70,14 @@ class MLflowLogger(MLFlowLogger):
                 run_id=run_id,
             )
 
+    def finalize(self, status: str = "success") -> None:
+        """End the run with `status`; a run ended as KILLED (by `StopOnSignal`, before
+        Lightning's own "success" at the end of every fit) stays KILLED."""
+        if getattr(self, "_killed", False) and status == "success":
+            return
+        super().finalize(status)
+        self._killed = status == "KILLED" and self._initialized
+
     @property
     @rank_zero_experiment
     def experiment(self):

@@ -168,3 +168,53 @@ def test_a_checkpoint_write_interrupted_midway_leaves_the_previous_one_whole(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
     AtomicCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "new" / "x.ckpt")
     assert torch.load(tmp_path / "new" / "x.ckpt", weights_only=True) == {"global_step": 5}
+
+
+def test_sigint_finishes_the_step_saves_last_ckpt_and_stops(tmp_path):
+    from helpers import PlainModule, SignalAt, plain_loader
+    from test_grpo import quiet_trainer
+
+    from lit_grpo.callbacks import StopOnSignal
+
+    stop = StopOnSignal()
+    trainer = quiet_trainer(
+        max_steps=50,
+        max_epochs=-1,
+        default_root_dir=tmp_path,
+        callbacks=[stop, SignalAt(step=2, signum=signal.SIGINT)],
+    )
+    trainer.fit(PlainModule(), plain_loader(8))  # no KeyboardInterrupt reaches the caller
+    assert trainer.global_step == 2 and stop.received == signal.SIGINT
+    assert stop.exit_code == 130
+    saved = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
+def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_killed(in_tmp):
+    import mlflow
+    from test_cli import GRPO_TINY
+
+    callback = '{"class_path": "helpers.SignalAt", "init_args": {"step": 2, "signum": 15}}'
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    args = ["fit", "--config", str(ROOT / "configs/talk2move.yaml"), *GRPO_TINY]
+    args += ["--trainer.max_steps=50", "--trainer.val_check_interval=50"]
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_grpo", *args, f"--trainer.callbacks+={callback}"],
+        cwd=in_tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "SIGTERM: stopped after step 2" in out.stderr
+    (last,) = (in_tmp / "runs").rglob("last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
+    )
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2
