@@ -93,6 +93,8 @@ class LitGRPOCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt = config.get("ckpt_path")
+        if ckpt == "last":  # Lightning would look only in the new run's (empty) folder
+            ckpt = config.ckpt_path = str(_latest_last_checkpoint(config))
         if not ckpt or ckpt in SPECIAL_CKPTS or "://" in str(ckpt):
             return
         what = "checkpoint (--ckpt_path)"
@@ -169,6 +171,46 @@ class LitGRPOCLI(LightningCLI):
             if found is None:
                 raise
             raise found from None
+
+
+def _latest_last_checkpoint(config) -> Path:
+    """The newest `last.ckpt` of the configured experiment's runs, for `--ckpt_path last`.
+
+    Checkpoints sit in `<default_root_dir>/<experiment id>/<run id>/checkpoints/`; the id of
+    an MLflow experiment (lit_grpo's logger) is looked up by name in its store. With another
+    logger, every run folder under `default_root_dir` is searched.
+    """
+    root = Path(config.trainer.get("default_root_dir") or ".")
+    logger = config.trainer.get("logger")
+    logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
+    where, folders = f"under {root}", "*"
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith(
+        "lit_grpo.loggers.MLflowLogger"
+    ):
+        init = logger.get("init_args") or {}
+        name = init.get("experiment_name") or "lit_grpo"
+        where = f"of experiment {name!r} under {root}"
+        folders = _experiment_id(name, init.get("tracking_uri"), init.get("root") or "mlruns")
+    found = [] if folders is None else list(root.glob(f"{folders}/*/checkpoints/last.ckpt"))
+    if not found:
+        raise ConfigError(
+            f"--ckpt_path last: no run {where} has a checkpoints/last.ckpt. Pass the path of a "
+            "checkpoint instead, or leave --ckpt_path out to start fresh"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime).resolve()
+
+
+def _experiment_id(name: str, tracking_uri: str | None, root: str) -> str | None:
+    from lit_grpo.loggers import _store_lock, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return None  # no store yet: no run either (and no store created for asking)
+    from mlflow import MlflowClient
+
+    with _store_lock(uri):
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else None
 
 
 def _check_training_length(trainer) -> None:

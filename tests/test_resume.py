@@ -218,3 +218,28 @@ def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_kille
     )
     assert run.info.status == "KILLED"
     assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2
+
+
+def test_ckpt_path_last_finds_the_newest_last_ckpt_of_the_experiment_or_says_none(in_tmp, capsys):
+    from test_cli import TINY
+    from test_user_errors import SFT, error_of
+
+    from lit_grpo.cli import run_cli
+
+    line = error_of(capsys, "fit", "--config", SFT, "--ckpt_path=last")
+    assert "--ckpt_path last: no run of experiment 'shapeworld-sft' under runs" in line
+    run_cli(["fit", "--config", SFT, *TINY, "--trainer.max_steps=2"])
+    (first,) = (in_tmp / "runs").rglob("last.ckpt")
+    assert first.parent.name == "checkpoints"  # runs/<experiment id>/<run id>/checkpoints
+    cli = run_cli(["fit", "--config", SFT, *TINY, "--trainer.max_steps=3", "--ckpt_path=last"])
+    assert cli.trainer.ckpt_path == str(first) and cli.trainer.global_step == 3
+    # another experiment's checkpoints are not its own
+    line = error_of(
+        capsys,
+        "fit",
+        "--config",
+        SFT,
+        "--trainer.logger.init_args.experiment_name=elsewhere",
+        "--ckpt_path=last",
+    )
+    assert "no run of experiment 'elsewhere'" in line
