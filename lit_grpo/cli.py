@@ -36,12 +36,22 @@ class SaveConfigToLogger(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_text(logger.run_id, text, self.config_filename)
+                name = self.config_filename
+                if getattr(logger, "resumed", False):  # keep the first run's config
+                    name = name.replace(".yaml", ".resumed.yaml")
+                logger.experiment.log_text(logger.run_id, text, name)
                 logger.log_hyperparams(_flatten(self.config.as_dict()))
             elif getattr(logger, "log_dir", None):
                 path = Path(logger.log_dir) / self.config_filename
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """The MLflow run goes into the checkpoint: a fit resumed from it continues the run."""
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and logger.run_id:
+                checkpoint["mlflow_run_id"] = logger.run_id
+                return
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -104,7 +114,9 @@ class LitGRPOCLI(LightningCLI):
             "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
             "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
         )
-        written = (read_checkpoint(path, what).get("hyper_parameters") or {}).get("_class_path")
+        checkpoint = read_checkpoint(path, what)
+        self._resumed_run_id = checkpoint.get("mlflow_run_id") if subcommand == "fit" else None
+        written = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
         model = config.get("model")
         wanted = model.get("class_path") if hasattr(model, "get") else None
         if written and wanted and written != wanted:
@@ -127,6 +139,13 @@ class LitGRPOCLI(LightningCLI):
             init = logger.get("init_args") or {}
             if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
                 ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+                run_id = getattr(self, "_resumed_run_id", None)
+                if run_id and not init.get("run_id"):  # a resumed fit continues its run
+                    if logger.get("init_args") is None:
+                        from jsonargparse import Namespace
+
+                        logger["init_args"] = Namespace()
+                    logger["init_args"]["run_id"] = run_id
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # a config's progress bar (PhaseProgressBar) would make Lightning refuse the flag
             config.trainer.callbacks = [

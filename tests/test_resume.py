@@ -243,3 +243,29 @@ def test_ckpt_path_last_finds_the_newest_last_ckpt_of_the_experiment_or_says_non
         "--ckpt_path=last",
     )
     assert "no run of experiment 'elsewhere'" in line
+
+
+def test_a_resumed_fit_continues_its_mlflow_run(in_tmp):
+    import mlflow
+
+    from test_cli import TINY
+    from test_user_errors import SFT
+
+    from lit_grpo.cli import run_cli
+
+    first = run_cli(["fit", "--config", SFT, *TINY, "--trainer.max_steps=2"])
+    run_id = first.trainer.logger.run_id
+    (last,) = (in_tmp / "runs").rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["mlflow_run_id"] == run_id
+    resumed = run_cli(
+        ["fit", "--config", SFT, *TINY, "--trainer.max_steps=4", f"--ckpt_path={last}"]
+    )
+    assert resumed.trainer.logger.run_id == run_id
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("shapeworld-sft").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3]  # one history, no step twice or missing
+    assert run.data.params["trainer.max_steps"] == "2"  # a parameter keeps its first value
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "config.resumed.yaml"} <= artifacts
