@@ -247,7 +247,6 @@ def test_ckpt_path_last_finds_the_newest_last_ckpt_of_the_experiment_or_says_non
 
 def test_a_resumed_fit_continues_its_mlflow_run(in_tmp):
     import mlflow
-
     from test_cli import TINY
     from test_user_errors import SFT
 
