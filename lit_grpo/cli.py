@@ -99,6 +99,16 @@ class LitGRPOCLI(LightningCLI):
         # before LightningCLI reads the checkpoint's hyper-parameters into the config
         self._check_checkpoint()
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config's model arguments over the checkpoint's hyper-parameters.
+
+        LightningCLI parses the hyper-parameters stored in a `--ckpt_path` checkpoint on top
+        of the config, so `test --ckpt_path Y --model.init_args.eval_steps=2` would evaluate
+        with the steps of training. A lit_grpo config always names the model (another
+        stage's checkpoint is refused in `_check_checkpoint`), so the config and the command
+        line decide; the checkpoint supplies the weights and the training state.
+        """
+
     def _check_checkpoint(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config

@@ -268,3 +268,15 @@ def test_a_resumed_fit_continues_its_mlflow_run(in_tmp):
     assert run.data.params["trainer.max_steps"] == "2"  # a parameter keeps its first value
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "config.resumed.yaml"} <= artifacts
+
+
+def test_the_command_line_wins_over_the_checkpoints_hyper_parameters(in_tmp):
+    from test_cli import TINY
+    from test_user_errors import SFT
+
+    from lit_grpo.cli import run_cli
+
+    run_cli(["fit", "--config", SFT, *TINY, "--trainer.max_steps=1"])  # TINY: sample_steps=2
+    test = ["test", "--config", SFT, *TINY, "--trainer.limit_test_batches=1", "--ckpt_path=last"]
+    cli = run_cli([*test, "--model.init_args.sample_steps=3"])
+    assert cli.model.hparams.sample_steps == 3
