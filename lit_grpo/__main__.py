@@ -79,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lit_grpo.cli import run_cli
 
-        run_cli(None if from_shell else argv)
+        cli = run_cli(None if from_shell else argv)
     except (ConfigError, FileNotFoundError, PermissionError) as err:
         print(f"lit_grpo {command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    from lit_grpo.callbacks import StopOnSignal
+
+    # a fit stopped by SIGINT / SIGTERM: 128 + the signal, as a shell reports it
+    stops = [cb for cb in cli.trainer.callbacks if isinstance(cb, StopOnSignal)]
+    return max((cb.exit_code for cb in stops), default=0)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,22 @@ class SaveConfigToLogger(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_text(logger.run_id, text, self.config_filename)
+                name = self.config_filename
+                if getattr(logger, "resumed", False):  # keep the first run's config
+                    name = name.replace(".yaml", ".resumed.yaml")
+                logger.experiment.log_text(logger.run_id, text, name)
                 logger.log_hyperparams(_flatten(self.config.as_dict()))
             elif getattr(logger, "log_dir", None):
                 path = Path(logger.log_dir) / self.config_filename
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """The MLflow run goes into the checkpoint: a fit resumed from it continues the run."""
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and logger.run_id:
+                checkpoint["mlflow_run_id"] = logger.run_id
+                return
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -89,10 +99,22 @@ class LitGRPOCLI(LightningCLI):
         # before LightningCLI reads the checkpoint's hyper-parameters into the config
         self._check_checkpoint()
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config's model arguments over the checkpoint's hyper-parameters.
+
+        LightningCLI parses the hyper-parameters stored in a `--ckpt_path` checkpoint on top
+        of the config, so `test --ckpt_path Y --model.init_args.eval_steps=2` would evaluate
+        with the steps of training. A lit_grpo config always names the model (another
+        stage's checkpoint is refused in `_check_checkpoint`), so the config and the command
+        line decide; the checkpoint supplies the weights and the training state.
+        """
+
     def _check_checkpoint(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt = config.get("ckpt_path")
+        if ckpt == "last":  # Lightning would look only in the new run's (empty) folder
+            ckpt = config.ckpt_path = str(_latest_last_checkpoint(config))
         if not ckpt or ckpt in SPECIAL_CKPTS or "://" in str(ckpt):
             return
         what = "checkpoint (--ckpt_path)"
@@ -102,7 +124,9 @@ class LitGRPOCLI(LightningCLI):
             "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
             "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
         )
-        written = (read_checkpoint(path, what).get("hyper_parameters") or {}).get("_class_path")
+        checkpoint = read_checkpoint(path, what)
+        self._resumed_run_id = checkpoint.get("mlflow_run_id") if subcommand == "fit" else None
+        written = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
         model = config.get("model")
         wanted = model.get("class_path") if hasattr(model, "get") else None
         if written and wanted and written != wanted:
@@ -125,6 +149,13 @@ class LitGRPOCLI(LightningCLI):
             init = logger.get("init_args") or {}
             if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
                 ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+                run_id = getattr(self, "_resumed_run_id", None)
+                if run_id and not init.get("run_id"):  # a resumed fit continues its run
+                    if logger.get("init_args") is None:
+                        from jsonargparse import Namespace
+
+                        logger["init_args"] = Namespace()
+                    logger["init_args"]["run_id"] = run_id
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # a config's progress bar (PhaseProgressBar) would make Lightning refuse the flag
             config.trainer.callbacks = [
@@ -169,6 +200,46 @@ class LitGRPOCLI(LightningCLI):
             if found is None:
                 raise
             raise found from None
+
+
+def _latest_last_checkpoint(config) -> Path:
+    """The newest `last.ckpt` of the configured experiment's runs, for `--ckpt_path last`.
+
+    Checkpoints sit in `<default_root_dir>/<experiment id>/<run id>/checkpoints/`; the id of
+    an MLflow experiment (lit_grpo's logger) is looked up by name in its store. With another
+    logger, every run folder under `default_root_dir` is searched.
+    """
+    root = Path(config.trainer.get("default_root_dir") or ".")
+    logger = config.trainer.get("logger")
+    logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
+    where, folders = f"under {root}", "*"
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith(
+        "lit_grpo.loggers.MLflowLogger"
+    ):
+        init = logger.get("init_args") or {}
+        name = init.get("experiment_name") or "lit_grpo"
+        where = f"of experiment {name!r} under {root}"
+        folders = _experiment_id(name, init.get("tracking_uri"), init.get("root") or "mlruns")
+    found = [] if folders is None else list(root.glob(f"{folders}/*/checkpoints/last.ckpt"))
+    if not found:
+        raise ConfigError(
+            f"--ckpt_path last: no run {where} has a checkpoints/last.ckpt. Pass the path of a "
+            "checkpoint instead, or leave --ckpt_path out to start fresh"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime).resolve()
+
+
+def _experiment_id(name: str, tracking_uri: str | None, root: str) -> str | None:
+    from lit_grpo.loggers import _store_lock, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return None  # no store yet: no run either (and no store created for asking)
+    from mlflow import MlflowClient
+
+    with _store_lock(uri):
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else None
 
 
 def _check_training_length(trainer) -> None:

@@ -37,6 +37,10 @@ class MLflowLogger(MLFlowLogger):
         tracking_uri: store URI; default `MLFLOW_TRACKING_URI`, else a sqlite file in `root`.
         root: local directory for the default store and its artifacts.
         tags: extra run tags.
+        run_id: continue this run (the CLI passes the one a `--ckpt_path` checkpoint was
+            written by): metrics go on at their steps, the run is RUNNING again, and a
+            parameter the run already has keeps its first value (MLflow refuses to change
+            one; the resumed config is stored as `config.resumed.yaml`).
     """
 
     def __init__(
@@ -69,6 +73,29 @@ class MLflowLogger(MLFlowLogger):
                 artifact_location=artifacts,
                 run_id=run_id,
             )
+        self._resumed_run = run_id is not None
+
+    @property
+    def resumed(self) -> bool:
+        return self._resumed_run
+
+    def log_hyperparams(self, params) -> None:
+        if self._resumed_run:
+            from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+            have = self.experiment.get_run(self.run_id).data.params
+            params = {k: v for k, v in _flatten_dict(_convert_params(params)).items()}
+            params = {k: v for k, v in params.items() if k not in have}
+        if params:
+            super().log_hyperparams(params)
+
+    def finalize(self, status: str = "success") -> None:
+        """End the run with `status`; a run ended as KILLED (by `StopOnSignal`, before
+        Lightning's own "success" at the end of every fit) stays KILLED."""
+        if getattr(self, "_killed", False) and status == "success":
+            return
+        super().finalize(status)
+        self._killed = status == "KILLED" and self._initialized
 
     @property
     @rank_zero_experiment
@@ -85,7 +112,10 @@ class MLflowLogger(MLFlowLogger):
         if self._initialized:
             return first_access(self)
         with _store_lock(self._tracking_uri):
-            return first_access(self)
+            client = first_access(self)
+        if self._resumed_run:  # a stopped run goes on: no longer FINISHED or KILLED
+            client.update_run(self.run_id, status="RUNNING")
+        return client
 
 
 def _store_lock(uri: str):

@@ -105,6 +105,25 @@ def test_weights_round_trip_with_merged_lora(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_writing_merged_weights_leaves_the_live_weights_bit_for_bit(tmp_path):
+    """Every checkpoint merges the adapter to store a self-describing policy; peft's unmerge
+    ((w + d) - d) used to leave the frozen weights a rounding error off, so a checkpoint
+    changed the run that wrote it."""
+    policy = tiny()
+    policy.add_lora(LoraSettings(rank=4, alpha=8))
+    for n, p in policy.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    x, s, src = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7]), torch.rand(2, 3, 8, 8)
+    velocity = policy.velocity(x, s, policy.encode_condition(src, ["move left"] * 2))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    save_policy_weights(policy, tmp_path / "p.safetensors")
+    after = policy.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(v, after[k])] == []
+    again = policy.velocity(x, s, policy.encode_condition(src, ["move left"] * 2))
+    assert torch.equal(again, velocity)  # the adapter is live again, not merged in twice
+
+
 def test_missing_and_incompatible_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors.*weights: null"):
         tiny(weights=str(tmp_path / "nope.safetensors"))

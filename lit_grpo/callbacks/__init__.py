@@ -6,6 +6,7 @@ from lit_grpo.callbacks.ema import EMAWeightAveraging
 from lit_grpo.callbacks.lora_export import LoraExporter
 from lit_grpo.callbacks.progress import PhaseProgressBar
 from lit_grpo.callbacks.rollout_images import RolloutImageLogger
+from lit_grpo.callbacks.stop import StopOnSignal
 from lit_grpo.callbacks.summary import ModelSummary
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "ModelSummary",
     "PhaseProgressBar",
     "RolloutImageLogger",
+    "StopOnSignal",
 ]

@@ -1,16 +1,60 @@
-"""`last.ckpt` that really is the last state of the run."""
+"""`last.ckpt` that really is the last state of the run, and never half written."""
 
+import os
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing each file whole or not at all.
+
+    The checkpoint goes to a hidden `.<name>.partial` beside its target, is flushed to disk,
+    then renamed over the target with `os.replace` (atomic within a folder on POSIX and
+    Windows). A run killed mid-write leaves the previous `last.ckpt` intact (and at worst a
+    stray `.partial`); Lightning's own write goes through a temporary file in the system's
+    temp folder and a move, which is a copy, and so not atomic, when that folder is on another
+    file system. Remote paths (`s3://...`) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as file:
+                self.write(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def write(self, checkpoint: dict, file) -> None:
+        torch.save(checkpoint, file)
+
+
 class ModelCheckpoint(LightningModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus a final `last.ckpt` when training stops between saves.
+    """Lightning's ModelCheckpoint, plus a final `last.ckpt` when training stops between saves,
+    and atomic writes.
 
     Lightning writes `last` only next to a regular save (after validation here), and at the
     end of training only if no `last` was ever written. A run stopped by `max_time` (or by
     `max_steps` between two validations) would lose the steps since the last validation;
-    this subclass saves them.
+    this subclass saves them. It also installs `AtomicCheckpointIO` when the trainer would
+    use Lightning's plain `TorchCheckpointIO`, so a kill mid-write never leaves a half-written
+    checkpoint.
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

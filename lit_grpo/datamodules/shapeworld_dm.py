@@ -1,12 +1,14 @@
 """ShapeWorld as a LightningDataModule: seeded train / val / test splits of paired edits.
 
 Samples are rendered on the fly (about a millisecond each), so `train_size` only sets the
-epoch length; splits come from disjoint random streams (see `shapeworld.py`).
+epoch length; splits come from disjoint random streams (see `shapeworld.py`). The training
+order is a function of (seed, epoch) and resumes mid-epoch from a checkpoint (`resumable.py`).
 """
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lit_grpo.datamodules.resumable import EpochSampler, ResumableLoader
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 
 
@@ -21,7 +23,8 @@ class ShapeWorldDataModule(L.LightningDataModule):
         move_fraction: translation distance as a fraction of the image side.
         seed: base seed of every split.
         num_workers: DataLoader workers (0 renders in the training process).
-        shuffle: shuffle the training split (off: a fixed order, e.g. for comparisons).
+        shuffle: shuffle the training split, in an order drawn from (seed, epoch) (off: a
+            fixed order, e.g. for comparisons).
         objects: (min, max) shapes per scene, within 1-3; (2, 3) for multi-object scenes.
     """
 
@@ -59,17 +62,21 @@ class ShapeWorldDataModule(L.LightningDataModule):
             "test": ShapeWorld("test", test_size, **common),
         }
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        workers = self.hparams.num_workers
+        return dict(
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=self.hparams.shuffle)
+        data = self.splits["train"]
+        order = EpochSampler(len(data), self.hparams.seed, self.hparams.shuffle)
+        return ResumableLoader(data, order, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -23,6 +23,11 @@ One training step reads top to bottom (manual optimisation; the loop is `trainin
 one per training batch, whether the batch stepped the optimiser minibatches x inner_epochs
 times or, all its groups skipped, not at all (see `_count_iteration`).
 
+The training randomness (rollout noise, minibatch order, early-exit probes) comes from the
+module's own CPU `generator`, seeded from the run's seed and rank and saved in checkpoints,
+and the data order resumes mid-epoch (`lit_grpo.datamodules.resumable`): a run killed and
+resumed from its checkpoint trains the same weights as one never stopped.
+
 Departures from the Flow-GRPO reference code, on purpose: rewards are computed
 synchronously (no thread pool: CPU-sized), and the condition encoders are frozen (only the
 denoiser trains), so the encoding of step 1 is reused by the update.
@@ -151,6 +156,18 @@ class GRPOModule(PolicyStage):
         self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
         self.phase = "idle"
         self._grid: dict | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator of every training draw (rollout noise, minibatch order), saved in
+        checkpoints. Seeded on first use from the run's seed (`seed_everything`, i.e.
+        `torch.initial_seed()`) plus the rank, so ranks explore differently; a CPU generator
+        gives the same noise on any device and its state resumes on another one."""
+        if self._generator is None:
+            seed = torch.initial_seed() + self.global_rank
+            self._generator = torch.Generator().manual_seed(seed)
+        return self._generator
 
     @property
     def rewards(self) -> torch.nn.ModuleList:
@@ -167,8 +184,10 @@ class GRPOModule(PolicyStage):
         generator: torch.Generator | None = None,
         plan: SamplingPlan | None = None,
     ) -> RolloutRecord:
-        """G rollouts per condition following `plan` (the strategy's plan by default)."""
+        """G rollouts per condition following `plan` (the strategy's plan by default), with
+        the noise of `generator` (the module's own by default)."""
         plan = plan or self.strategy.plan(self.hparams.sample_steps, self.iteration)
+        generator = generator if generator is not None else self.generator
         return self.sampler(
             self.policy,
             batch["source"],
@@ -238,7 +257,7 @@ class GRPOModule(PolicyStage):
         log.update({"train/optimizer_steps": 0.0, "train/nonfinite_skipped": 0.0})
         if not skipped:
             with self._phase("update", timings):
-                stats = self.updater(self, self.sampler, record, targets)
+                stats = self.updater(self, self.sampler, record, targets, self.generator)
             log.update({f"train/{k}": v for k, v in stats.items()})
         log.update(timings)
         n_cond = batch["source"].shape[0]
@@ -394,10 +413,13 @@ class GRPOModule(PolicyStage):
         super().on_save_checkpoint(checkpoint)
         checkpoint["grpo_iteration"] = self.iteration
         checkpoint["grpo_nonfinite_in_a_row"] = self.nonfinite_in_a_row
+        checkpoint["grpo_generator"] = self.generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("grpo_iteration", 0))
         self.nonfinite_in_a_row = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
+        if checkpoint.get("grpo_generator") is not None:  # older checkpoints: a fresh seed
+            self.generator.set_state(checkpoint["grpo_generator"])
 
 
 def _nanmean(x: Tensor) -> float:

@@ -70,13 +70,15 @@ class NeighborUpdate(ClippedUpdate):
     def _per_group(self, g: int) -> int:
         return g if self.anchors is None else min(self.anchors, g)
 
-    def epoch_rows(self, record: RolloutRecord, targets: PolicyTargets, device) -> Tensor:
+    def epoch_rows(
+        self, record: RolloutRecord, targets: PolicyTargets, device, generator=None
+    ) -> Tensor:
         g = record.group_size
         groups = len(record) // g
-        pick = torch.rand(groups, g).argsort(1)[:, : self._per_group(g)]  # [B, anchors]
-        rows = (pick + torch.arange(groups)[:, None] * g).flatten().to(device)
+        pick = torch.rand(groups, g, generator=generator).argsort(1)[:, : self._per_group(g)]
+        rows = (pick + torch.arange(groups)[:, None] * g).flatten().to(device)  # [B x anchors]
         if self.minibatches > 1:
-            rows = rows[torch.randperm(rows.numel()).to(device)]
+            rows = rows[torch.randperm(rows.numel(), generator=generator).to(device)]
         return rows
 
     def step_loss(

@@ -81,7 +81,9 @@ class ClippedUpdate:
         sampler: RolloutSampler,
         record: RolloutRecord,
         targets: PolicyTargets,
+        generator: torch.Generator | None = None,
     ) -> dict[str, float]:
+        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG)."""
         opt, sched = module.optimizers(), module.lr_schedulers()
         num_steps = record.num_trained_steps
         totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
@@ -89,7 +91,8 @@ class ClippedUpdate:
         strategy = module.trainer.strategy
         sync_block = getattr(strategy, "block_backward_sync", nullcontext)
         for _ in range(self.inner_epochs):
-            chunks = self.epoch_rows(record, targets, module.device).chunk(self.minibatches)
+            rows = self.epoch_rows(record, targets, module.device, generator)
+            chunks = rows.chunk(self.minibatches)
             # valid rows per minibatch summed over ranks (all ranks must skip together, or
             # DDP's all-reduce hangs): one host sync per pass, none per step
             live = torch.stack([targets.valid[rows].sum() for rows in chunks])
@@ -131,11 +134,18 @@ class ClippedUpdate:
         out["empty_minibatches"] = float(empty)
         return out
 
-    def epoch_rows(self, record: RolloutRecord, targets: PolicyTargets, device) -> Tensor:
-        """The rows one inner epoch trains, in order (shuffled when split in minibatches)."""
+    def epoch_rows(
+        self,
+        record: RolloutRecord,
+        targets: PolicyTargets,
+        device,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The rows one inner epoch trains, in order (shuffled by the CPU `generator` when
+        split in minibatches)."""
         n = len(record)
         if self.minibatches > 1:
-            return torch.randperm(n, device=device)
+            return torch.randperm(n, generator=generator).to(device)
         return torch.arange(n, device=device)
 
     def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:

@@ -89,8 +89,15 @@ def lora_state_dict(module: nn.Module) -> dict:
 
 
 def merged_state_dict(module: nn.Module) -> dict:
-    """State dict with adapters folded into the base weights, under the base layers' names."""
+    """State dict with adapters folded into the base weights, under the base layers' names.
+
+    The base weights are restored bit for bit afterwards: peft's `unmerge` subtracts the
+    delta again, and (w + d) - d is not w in floating point, so every checkpoint (which
+    calls this) used to nudge the frozen weights of the run that wrote it.
+    """
     layers = _tuner_layers(module) if has_lora(module) else []
+    base = [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
+    originals = [p.detach().clone() for p in base]
     for layer in layers:
         layer.merge()
     try:
@@ -102,7 +109,10 @@ def merged_state_dict(module: nn.Module) -> dict:
         return state
     finally:
         for layer in layers:
-            layer.unmerge()
+            layer.unmerge()  # peft's bookkeeping of merged adapters
+        with torch.no_grad():
+            for p, original in zip(base, originals):
+                p.copy_(original)
 
 
 def load_lora(module: nn.Module, path: str) -> LoraSettings:
