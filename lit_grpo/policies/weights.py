@@ -126,7 +126,10 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
         config = json.loads(meta.get("config", "{}"))
         cls = meta.get("class")
     else:
-        ckpt = read_checkpoint(path, "checkpoint")
+        try:
+            ckpt = read_checkpoint(path, "checkpoint")
+        except ConfigError as err:  # the same file problem, as a weights error
+            raise IncompatibleWeightsError(f"could not read checkpoint: {err}") from None
         entry = ckpt.get("lit_grpo_policy")
         if entry is None:
             raise IncompatibleWeightsError(
