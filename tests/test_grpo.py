@@ -223,7 +223,9 @@ def test_max_steps_counts_iterations_not_optimizer_steps():
 def test_a_minibatch_of_only_masked_rows_is_not_stepped(monkeypatch):
     """Condition 0's group is zero-spread (IndexReward); with the rows in order, minibatch 1
     of 2 holds exactly its 4 rows, all masked: no forward, no step, no division by zero."""
-    monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.arange(n, device=device))
+    monkeypatch.setattr(
+        torch, "randperm", lambda n, device=None, generator=None: torch.arange(n, device=device)
+    )
     module = make_module([IndexReward()], minibatches=2, weight_decay=0.1)
     seen = Recorder("train/optimizer_steps", "train/empty_minibatches", "train/loss")
     trainer = fit_steps(module, 1, [seen], train_size=2, shuffle=False)

@@ -21,8 +21,8 @@ ALLOWED = {
     "callbacks": {"loggers"},  # log_image, lazily: any Lightning logger
     "modules": {"policies", "sampling", "perception", "rewards", "metrics", "loggers"},
     "commands": {"checks", "policies"},
-    "cli": {"checks", "metrics", "policies"},
-    "__main__": {"checks", "cli", "commands", "__version__"},
+    "cli": {"checks", "metrics", "policies", "callbacks", "loggers"},
+    "__main__": {"checks", "cli", "commands", "callbacks", "__version__"},
     "__init__": set(),
 }
 

@@ -55,7 +55,9 @@ class EpochSampler(Sampler[int]):
 class ResumableLoader(DataLoader):
     """A DataLoader over an `EpochSampler` that resumes where a checkpoint left its epoch."""
 
-    def __init__(self, dataset: Dataset, sampler: Sampler, **kwargs):
+    def __init__(self, dataset: Dataset, *, sampler: Sampler, **kwargs):
+        # sampler by keyword only: Lightning rebuilds the loader with its own sampler under
+        # DDP (`sampler=DistributedSampler(...)`), passing the positional arguments again
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch, self._delivered = -1, -1  # no pass started yet
         self._resume: tuple[int, int] | None = None

@@ -76,7 +76,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.splits["train"]
         order = EpochSampler(len(data), self.hparams.seed, self.hparams.shuffle)
-        return ResumableLoader(data, order, **self._loader_kwargs())
+        return ResumableLoader(data, sampler=order, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
