@@ -176,6 +176,7 @@ def test_sigint_finishes_the_step_saves_last_ckpt_and_stops(tmp_path):
 
     from lit_grpo.callbacks import StopOnSignal
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     stop = StopOnSignal()
     trainer = quiet_trainer(
         max_steps=50,
@@ -188,7 +189,7 @@ def test_sigint_finishes_the_step_saves_last_ckpt_and_stops(tmp_path):
     assert stop.exit_code == 130
     saved = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    assert signal.getsignal(signal.SIGINT) is before  # handed back as it was
 
 
 def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_killed(in_tmp):
