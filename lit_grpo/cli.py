@@ -137,6 +137,7 @@ class LitGRPOCLI(LightningCLI):
                 f"the {name} policy with --model.init_args.policy.init_args.weights={path} "
                 "and no --ckpt_path"
             )
+        _check_policy_architecture(checkpoint.get("lit_grpo_policy"), model, what, path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -394,3 +395,35 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+def _check_policy_architecture(entry, model, what: str, path) -> None:
+    """Refuse a checkpoint whose policy was built with other constructor values (width,
+    depth, patch size, ...) than the config's: Lightning would fail deep inside
+    `load_state_dict` with a list of tensor shapes."""
+    if not entry or not hasattr(model, "get"):
+        return
+    policy = (model.get("init_args") or {}).get("policy")
+    if not hasattr(policy, "get"):
+        return
+    wanted_class = str(policy.get("class_path", "")).rsplit(".", 1)[-1]
+    if wanted_class and entry.get("class") and wanted_class != entry["class"]:
+        raise ConfigError(
+            f"{what} {path} holds a {entry['class']} policy; this config builds a "
+            f"{wanted_class}. Use a config for the checkpoint's policy"
+        )
+    args = policy.get("init_args") or {}
+    stored = entry.get("config") or {}
+    diff = [
+        f"{key}: checkpoint {stored[key]} vs config {args[key]}"
+        for key in sorted(stored)
+        if key != "vocabulary"
+        and key in args
+        and args[key] is not None
+        and args[key] != stored[key]
+    ]
+    if diff:
+        raise ConfigError(
+            f"{what} {path} was trained with another policy architecture ({'; '.join(diff)}); "
+            "set the policy's init_args to the checkpoint's values"
+        )

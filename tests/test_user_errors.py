@@ -89,6 +89,35 @@ def test_a_checkpoint_of_the_other_stage_is_refused_by_name(in_tmp, capsys):
     assert "this checkpoint was written by GRPOModule; this config trains SFTModule" in line
 
 
+def test_a_checkpoint_of_another_policy_architecture_is_refused(in_tmp, capsys):
+    """Same stage, another policy: one line naming what differs, not load_state_dict's list
+    of tensor shapes."""
+    path = in_tmp / "wide.ckpt"
+    torch.save(
+        {
+            "hyper_parameters": {"_class_path": "lit_grpo.modules.GRPOModule"},
+            "lit_grpo_policy": {
+                "class": "TinyEditPolicy",
+                "config": {"width": 64, "depth": 4, "heads": 4, "patch_size": 4},
+            },
+        },
+        path,
+    )
+    line = error_of(capsys, "fit", "--config", GRPO, f"--ckpt_path={path}")
+    assert (
+        "was trained with another policy architecture (width: checkpoint 64 vs config 128)" in line
+    )
+    torch.save(
+        {
+            "hyper_parameters": {"_class_path": "lit_grpo.modules.GRPOModule"},
+            "lit_grpo_policy": {"class": "OtherPolicy", "config": {}},
+        },
+        path,
+    )
+    line = error_of(capsys, "fit", "--config", GRPO, f"--ckpt_path={path}")
+    assert "holds a OtherPolicy policy; this config builds a TinyEditPolicy" in line
+
+
 def test_config_typo_in_an_interpolation_and_non_utf8_config_name_the_file(in_tmp, capsys):
     text = Path(GRPO).read_text()
     assert "${model.init_args.group_size}" in text
