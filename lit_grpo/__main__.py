@@ -18,6 +18,7 @@ OTHER_COMMANDS = {
     "export": ("export", "write the policy of a lit_grpo checkpoint as a .safetensors file"),
     "compare": ("compare", "MLflow runs side by side (differing params, metrics) and a PNG"),
     "edit": ("edit", "edit one image with a checkpoint or built-in weights"),
+    "expand": ("expand", "turn (image, object) annotations into template edit samples (jsonl)"),
 }
 
 HELP = """usage: python -m lit_grpo <command> [--config FILE.yaml] [options]
@@ -35,6 +36,7 @@ examples:
   python -m lit_grpo export runs/1/<run id>/checkpoints/last.ckpt editor.safetensors
   python -m lit_grpo compare             (the runs of the latest experiment, and their curves)
   python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
+  python -m lit_grpo expand --annotations objects.jsonl --out train.jsonl
 
 Runs are tracked in MLflow: a sqlite store under ./mlruns unless MLFLOW_TRACKING_URI is set
 (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` to browse); checkpoints go to

@@ -11,16 +11,16 @@ ROOT = Path(lit_grpo.__file__).parent
 # layer -> the lit_grpo layers it may import (besides itself); docs/architecture.md's table
 ALLOWED = {
     "sampling": set(),
-    "datamodules": set(),
+    "datamodules": {"checks"},  # ConfigError: bad rows end without a traceback
     "checks": set(),
-    "perception": {"datamodules"},  # ShapeWorld's palette, lazily, as the colour default
+    "perception": {"datamodules", "checks"},  # ShapeWorld's palette, lazily; ConfigError
     "policies": {"sampling", "checks", "datamodules"},  # ShapeWorld's words, lazily
     "rewards": {"perception"},
     "metrics": {"perception"},
     "loggers": {"checks"},
     "callbacks": {"loggers"},  # log_image, lazily: any Lightning logger
     "modules": {"policies", "sampling", "perception", "rewards", "metrics", "loggers"},
-    "commands": {"checks", "policies"},
+    "commands": {"checks", "policies", "datamodules"},  # expand: the instruction templates
     "cli": {"checks", "metrics", "policies", "callbacks", "loggers"},
     "__main__": {"checks", "cli", "commands", "callbacks", "__version__"},
     "__init__": set(),

@@ -332,7 +332,9 @@ def _place(rng, kinds, colours, edit, resolution, move_fraction) -> list[Shape] 
     return [placed[i] for i in range(len(kinds))]
 
 
-def _instruction(rng: np.random.Generator, edit: Edit, obj: str) -> str:
+def instruction(rng: np.random.Generator, edit: Edit, obj: str) -> str:
+    """One phrasing of `edit` applied to the object phrase `obj`, drawn from the templates with
+    `rng` (also what `lit_grpo.datamodules.instructions` expands real-image annotations with)."""
     if edit.task == "translate":
         phrase = _DIRECTION_WORDS[edit.direction]
         d = phrase[rng.integers(len(phrase))]
@@ -417,7 +419,7 @@ class ShapeWorld(torch.utils.data.Dataset):
         else:  # pragma: no cover - only reachable with extreme move_fraction/resolution
             raise RuntimeError(f"could not sample a valid {task} scene for index {index}")
         target = shapes[edit.target]
-        text = _instruction(rng, edit, f"{target.colour} {target.kind}")
+        text = instruction(rng, edit, f"{target.colour} {target.kind}")
         return Scene(background, tuple(shapes)), edit, text
 
     def __getitem__(self, index: int) -> dict:

@@ -31,6 +31,7 @@ from torch import Tensor
 from torchmetrics.functional.image.lpips import _NoTrainLpips
 
 from lit_grpo.metrics.base import EditMetric, Frozen
+from lit_grpo.metrics.spatial import object_regions
 from lit_grpo.perception import geometry as geo
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1
@@ -103,7 +104,7 @@ class LPIPS(EditMetric):
 
     def values(self, source: Tensor, edited: Tensor, batch: Mapping, before, after) -> Tensor:
         if self.region == "background":
-            keep = geo.outside_mask([batch["mask_before"], batch["mask_after"]], self.dilate)
+            keep = geo.outside_mask(object_regions(batch, before, after), self.dilate)
             edited = torch.where(keep[:, None], edited, source)
         net = self.judge.on(source.device)
         a, b = self._resize(source.float()), self._resize(edited.float())

@@ -22,6 +22,8 @@ source or the edit) a failure:
   after the edit (batch["mask_before"], batch["mask_after"], grown by `dilate` px). Unlike
   `BackgroundReward`, which must use the segmenter's masks, the metric uses the true regions,
   so an edit that puts the object in the wrong place also pays for the pixels it changed.
+  Real images have no true region after the edit: without both masks in the batch the
+  segmenter's are used (`object_regions`), as the reward does.
 - ObjectFound: fraction of edits in which the segmenter found the object in the edit.
 - EditCount: the number of edits (a sum, not a mean), for the table's n column.
 """
@@ -137,6 +139,14 @@ class ScaleAccuracy(EditMetric):
         return torch.where(err.isnan(), err, (err <= self.max_log_error).float())
 
 
+def object_regions(batch: Mapping, before: Detections, after: Detections) -> list[Tensor]:
+    """The object's regions [N, H, W] before and after the edit: the batch's true masks where
+    it has both (ShapeWorld), else the segmenter's (real images; nothing where it missed)."""
+    if "mask_before" in batch and "mask_after" in batch:
+        return [batch["mask_before"], batch["mask_after"]]
+    return [before.mask, after.mask & after.found[:, None, None]]
+
+
 class BackgroundL1(EditMetric):
     """Mean |edit - source| outside the object's true regions before and after the edit."""
 
@@ -147,7 +157,7 @@ class BackgroundL1(EditMetric):
         self.dilate = dilate
 
     def values(self, source, edited, batch: Mapping, before, after) -> Tensor:
-        keep = geo.outside_mask([batch["mask_before"], batch["mask_after"]], self.dilate)
+        keep = geo.outside_mask(object_regions(batch, before, after), self.dilate)
         return geo.background_l1(source, edited, keep)
 
 

@@ -39,7 +39,12 @@ class SFTModule(PolicyStage):
         segmenter: finds the instructed object for the edit metrics (ShapeWorld colours).
         metrics: the edit metrics of the ODE edits of validation and test
             (`EditMetrics()` by default).
+
+    Every training and validation row needs a target image: a data module that can check
+    that up front reads `needs_targets` (`JsonlDataModule` makes such rows bad rows).
     """
+
+    needs_targets = True
 
     def __init__(
         self,
@@ -67,6 +72,8 @@ class SFTModule(PolicyStage):
     def flow_matching_loss(
         self, batch: dict, generator: torch.Generator | None = None, sigma: Tensor | None = None
     ) -> Tensor:
+        if "target" not in batch:
+            raise ValueError(_no_targets(batch))
         source, target = batch["source"], batch["target"]
         cond = self.policy.encode_condition(source, batch["instruction"])
         x0 = self.policy.encode_images(target)
@@ -130,3 +137,13 @@ class SFTModule(PolicyStage):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _no_targets(batch: dict) -> str:
+    rows = (batch.get("missing") or {}).get("target")
+    where = f"rows without one: {', '.join(rows)}" if rows else "the batch has no 'target' key"
+    return (
+        f"SFT trains on target images (the edited image of each row), and {where}. Give every "
+        "row a 'target', leave those rows out (data.init_args.on_bad_row: skip does, for "
+        "JsonlDataModule), or train on single-sided data with a GRPO stage, which needs none"
+    )

@@ -1,0 +1,434 @@
+"""Real images from jsonl files: one edit per line, checked up front, batched like ShapeWorld.
+
+A row is a JSON object (docs/data.md):
+
+    {"image": "imgs/0001.jpg", "instruction": "move the mug to the left", "task": "translate",
+     "object": "mug", "target": "imgs/0001_left.jpg", "box": [12, 40, 96, 130],
+     "mask": "masks/0001.png"}
+
+image, instruction, task (translate | rotate | scale) and object are required; target (the
+edited image, for SFT), box (x0, y0, x1, y1 of the object in the source image's pixels, x1/y1
+exclusive) and mask (a grey image, non-zero on the object, the source's size) are optional;
+other keys are ignored (with a warning naming them). Paths are relative to `image_root`, which
+is relative to the jsonl file's folder. The instruction is parsed into the edit-spec fields
+ShapeWorld's batches carry (`lit_grpo.datamodules.instructions.parse_instruction`).
+
+Every row is checked when the split is set up, before the first batch: malformed JSON, a
+missing key, a missing or unreadable image, target or mask, an unknown task, an instruction
+that does not read as its task, a box outside the image. Each problem is reported as
+`file:line: what is wrong`; `on_bad_row="error"` stops with all of them listed, "skip" warns
+with the count and the lines and trains on the rest.
+
+A batch has ShapeWorld's keys where real data has them (source, instruction, object, task,
+direction, angle, factor, index; target, mask_before, box_before when the rows give them)
+plus `origin` ("file:line" per row), so `GRPOModule` trains on it unchanged. Images are
+resized (stretched, our choice: every image of a batch must share one size) to `resolution`.
+Stored pixels are used as they are: EXIF orientation is not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from lit_grpo.checks import ConfigError
+from lit_grpo.datamodules.instructions import EditParams, InstructionError, parse_instruction
+from lit_grpo.datamodules.resumable import EpochSampler, ResumableLoader
+from lit_grpo.datamodules.shapeworld import TASKS
+
+REQUIRED = ("image", "instruction", "task", "object")
+OPTIONAL = ("target", "box", "mask")
+MAX_LISTED = 50  # bad rows named in one message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checked row: resolved paths, the parsed edit, the source image's (width, height)."""
+
+    origin: str
+    image: Path
+    instruction: str
+    task: str
+    object: str
+    edit: EditParams
+    size: tuple[int, int]
+    target: Path | None = None
+    box: tuple[float, float, float, float] | None = None
+    mask: Path | None = None
+
+
+class _BadRow(Exception):
+    pass
+
+
+def read_rows(
+    path: str | Path, image_root: str = ".", require_target: bool = False
+) -> tuple[list[Row], list[str], set[str]]:
+    """(the good rows, "file:line: what is wrong" for each bad one, keys no row should have).
+    Blank lines are skipped; line numbers count every line from 1."""
+    path = Path(path)
+    base = path.parent / image_root
+    rows, bad, unknown = [], [], set()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            origin = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                value = _json_object(line)
+                unknown |= set(value) - set(REQUIRED) - set(OPTIONAL)
+                rows.append(_check_row(value, base, origin, require_target))
+            except UnicodeDecodeError:
+                bad.append(f"{origin}: not UTF-8 text")
+            except _BadRow as err:
+                bad.append(f"{origin}: {err}")
+    return rows, bad, unknown
+
+
+def _json_object(line: str) -> dict:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _BadRow(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise _BadRow(f"expected a JSON object with {', '.join(REQUIRED)}")
+    return value
+
+
+def _check_row(value: dict, base: Path, origin: str, require_target: bool) -> Row:
+    missing = [k for k in REQUIRED if k not in value]
+    if missing:
+        raise _BadRow(f"missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    given = {k: value[k] for k in OPTIONAL if value.get(k) is not None}
+    problems = [
+        f"{k!r} must be a non-empty string"
+        for k in (*REQUIRED, "target", "mask")
+        if k in value and (k in REQUIRED or k in given) and not _text(value[k])
+    ]
+    if problems:
+        raise _BadRow("; ".join(problems))
+    task, text, obj = value["task"], value["instruction"], value["object"]
+    edit = None
+    if task not in TASKS:
+        problems.append(f"unknown task {task!r} (expected {', '.join(TASKS)})")
+    else:
+        try:
+            edit = parse_instruction(text, task, obj)
+        except InstructionError as err:
+            problems.append(f"instruction {text!r} does not read as a {task} edit: {err}")
+    image = base / value["image"]
+    size = _probe(image, "image", problems)
+    target = base / given["target"] if "target" in given else None
+    if target is not None:
+        _probe(target, "target", problems)
+    mask = base / given["mask"] if "mask" in given else None
+    if mask is not None:
+        mask_size = _probe(mask, "mask", problems)
+        if size and mask_size and mask_size != size:
+            problems.append(f"mask {mask} is {_wxh(mask_size)}, the image {_wxh(size)}")
+    box = given.get("box")
+    if box is not None and size is not None:
+        box = _check_box(box, size, problems)
+    if require_target and "target" not in given:
+        problems.append("no 'target' image (SFT trains on target images)")
+    if problems:
+        raise _BadRow("; ".join(problems))
+    return Row(origin, image, text, task, obj.strip(), edit, size, target, box, mask)
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]} px"
+
+
+def _probe(path: Path, what: str, problems: list[str]) -> tuple[int, int] | None:
+    """The (width, height) of an image file whose data checks out, else a problem noted."""
+    if not path.is_file():
+        problems.append(f"{what} not found: {path}")
+        return None
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()  # the file's structure and checksums, without decoding the pixels
+    except Exception as err:  # PIL raises many types for a damaged file
+        problems.append(f"{what} {path} is not a readable image ({type(err).__name__}: {err})")
+        return None
+    return size
+
+
+def _check_box(box, size: tuple[int, int], problems: list[str]):
+    w, h = size
+    ok = (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        and all(math.isfinite(v) for v in box)
+    )
+    if not ok:
+        problems.append(f"box {box!r} must be 4 numbers [x0, y0, x1, y1] in pixels")
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        problems.append(
+            f"box {box} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} (the image "
+            f"is {_wxh(size)}; x1, y1 exclusive)"
+        )
+        return None
+    return x0, y0, x1, y1
+
+
+def report_bad_rows(bad: list[str], total: int, path: Path, on_bad_row: str) -> None:
+    """Raise one `ConfigError` listing the bad rows ("error"), or warn and go on ("skip")."""
+    if not bad:
+        return
+    listed = "\n  ".join(bad[:MAX_LISTED])
+    if len(bad) > MAX_LISTED:
+        listed += f"\n  ... and {len(bad) - MAX_LISTED} more"
+    if on_bad_row == "error":
+        raise ConfigError(
+            f"{len(bad)} of {total} rows of {path} are bad:\n  {listed}\nFix them, or set "
+            "data.init_args.on_bad_row: skip to leave them out"
+        )
+    rank_zero_warn(f"skipping {len(bad)} of {total} rows of {path}:\n  {listed}")
+
+
+class JsonlEditDataset(Dataset):
+    """The checked rows of one jsonl file, loaded and resized on access.
+
+    Args:
+        path: the jsonl file.
+        resolution: side (or (H, W)) every image is resized to.
+        image_root: folder of the rows' paths, relative to the jsonl's folder.
+        on_bad_row: "error" (stop, listing every bad row) or "skip" (warn, leave them out).
+        require_target: a row without a target is a bad row (SFT trains on targets).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int | tuple[int, int],
+        image_root: str = ".",
+        on_bad_row: Literal["skip", "error"] = "error",
+        require_target: bool = False,
+    ):
+        if on_bad_row not in ("skip", "error"):
+            raise ConfigError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
+        self.path = Path(path)
+        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        if min(h, w) < 1:
+            raise ConfigError(f"resolution must be positive, got {resolution}")
+        self.resolution = (int(h), int(w))
+        rows, bad, unknown = read_rows(self.path, image_root, require_target)
+        if unknown:
+            rank_zero_warn(
+                f"{self.path}: ignoring unknown key(s) {sorted(unknown)}; a row has "
+                f"{', '.join(REQUIRED)} and optionally {', '.join(OPTIONAL)}"
+            )
+        report_bad_rows(bad, len(rows) + len(bad), self.path, on_bad_row)
+        if not rows:
+            raise ConfigError(f"{self.path} has no usable rows (docs/data.md: the row schema)")
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        h, w = self.resolution
+        edit = row.edit
+        sample = {
+            "source": _load_rgb(row.image, (w, h), row.origin),
+            "instruction": row.instruction,
+            "object": row.object,
+            "task": row.task,
+            "direction": torch.tensor(edit.direction, dtype=torch.float32),
+            "angle": torch.tensor(edit.angle, dtype=torch.float32),
+            "factor": torch.tensor(edit.factor, dtype=torch.float32),
+            "index": int(index),
+            "origin": row.origin,
+        }
+        if row.target is not None:
+            sample["target"] = _load_rgb(row.target, (w, h), row.origin)
+        if row.mask is not None:
+            sample["mask_before"] = _load_mask(row.mask, (w, h), row.origin)
+        if row.box is not None:
+            sx, sy = w / row.size[0], h / row.size[1]
+            x0, y0, x1, y1 = row.box
+            sample["box_before"] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+        return sample
+
+
+def _open(path: Path, origin: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as err:
+        raise OSError(f"{origin}: cannot read {path} ({type(err).__name__}: {err})") from None
+
+
+def _load_rgb(path: Path, size: tuple[int, int], origin: str) -> Tensor:
+    """[3, H, W] float in [0, 1], resized to `size` (width, height), bicubic."""
+    im = _open(path, origin).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def _load_mask(path: Path, size: tuple[int, int], origin: str) -> Tensor:
+    """[H, W] bool: non-zero pixels, resized to `size` (width, height), nearest."""
+    im = _open(path, origin).convert("L").resize(size, Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(im) > 0)
+
+
+def collate_rows(samples: list[dict]) -> dict:
+    """`default_collate` of the keys every sample has; an optional key (target, mask_before,
+    box_before) only some samples have is left out, and `batch["missing"][key]` names the
+    rows without it, so a stage that needs it can say which rows to fix."""
+    keys = [k for k in samples[0] if all(k in s for s in samples)]
+    batch = default_collate([{k: s[k] for k in keys} for s in samples])
+    partial = sorted({k for s in samples for k in s} - set(keys))
+    if partial:
+        batch["missing"] = {k: [s["origin"] for s in samples if k not in s] for k in partial}
+    return batch
+
+
+class JsonlDataModule(L.LightningDataModule):
+    """Edits of real images from jsonl files (row schema: module docstring, docs/data.md).
+
+    Args:
+        train, val, test: jsonl files of the splits (predict uses test, else val); a split
+            left out has no loader.
+        image_root: the folder the rows' paths start from, relative to each jsonl's folder.
+        resolution: side (or [H, W]) images are resized to. None: taken in `setup` from the
+            policy's `resolution` attribute where it has one (a policy may declare the size
+            it was trained at), else an error asks for it.
+        on_bad_row: "error" stops at setup listing every bad row (file:line: what is
+            wrong); "skip" warns with the count and lines and leaves them out.
+        batch_size: conditions per batch (a GRPO stage samples a group for each).
+        num_workers: DataLoader workers.
+        seed: the training order's seed (per epoch; resumes mid-epoch from a checkpoint).
+        shuffle: shuffle the training split.
+
+    A stage whose class sets `needs_targets = True` (`SFTModule`) makes a training or
+    validation row without a target a bad row.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        image_root: str = ".",
+        resolution: int | tuple[int, int] | None = None,
+        on_bad_row: Literal["skip", "error"] = "error",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"data.init_args.num_workers must be >= 0, got {num_workers}")
+        if on_bad_row not in ("skip", "error"):
+            raise ConfigError(
+                f"data.init_args.on_bad_row must be 'skip' or 'error', got {on_bad_row!r}"
+            )
+        self.files = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
+        if not self.files:
+            raise ConfigError(
+                "JsonlDataModule needs at least one of train, val, test (jsonl files)"
+            )
+        for split, file in self.files.items():
+            if not Path(file).expanduser().is_file():
+                raise FileNotFoundError(
+                    f"data.init_args.{split}: jsonl file not found: {Path(file).expanduser().resolve()}"
+                )
+        self.save_hyperparameters()
+        self.splits: dict[str, JsonlEditDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",) if "test" in self.files else ("val",),
+        }.get(stage, tuple(self.files))
+        if stage == "fit" and "train" not in self.files:
+            raise ConfigError("fit needs data.init_args.train (a jsonl file)")
+        resolution = self._resolution()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        needs_targets = bool(getattr(module, "needs_targets", False))
+        for split in wanted:
+            if split in self.files and split not in self.splits:
+                self.splits[split] = JsonlEditDataset(
+                    Path(self.files[split]).expanduser(),
+                    resolution,
+                    self.hparams.image_root,
+                    self.hparams.on_bad_row,
+                    require_target=needs_targets and split in ("train", "val"),
+                )
+
+    def _resolution(self) -> tuple[int, int]:
+        """The configured resolution, else the policy's; checked against its token size."""
+        policy = getattr(getattr(self.trainer, "lightning_module", None), "policy", None)
+        value = self.hparams.resolution or getattr(policy, "resolution", None)
+        if value is None:
+            raise ConfigError(
+                "set data.init_args.resolution (the image side, or [H, W]): the policy does "
+                "not say what size it takes"
+            )
+        h, w = (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+        self.hparams.resolution = h if h == w else [h, w]  # recorded in checkpoints for `edit`
+        if policy is not None and hasattr(policy, "token_grid"):
+            rows, cols = policy.token_grid((1024, 1024))  # pixels per token side, probed
+            ph, pw = 1024 // rows, 1024 // cols
+            if h % ph or w % pw:
+                raise ConfigError(
+                    f"data.init_args.resolution {h}x{w} must be a multiple of the policy's "
+                    f"token size {ph}x{pw} px"
+                )
+        return h, w
+
+    def _loader_kwargs(self) -> dict:
+        workers = self.hparams.num_workers
+        return dict(
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_rows,
+        )
+
+    def _loader(self, split: str) -> DataLoader | list:
+        if split not in self.splits:
+            return []  # no such split configured: Lightning runs no loop over it
+        return DataLoader(self.splits[split], **self._loader_kwargs())
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.splits["train"]
+        order = EpochSampler(len(data), self.hparams.seed, self.hparams.shuffle)
+        return ResumableLoader(data, sampler=order, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("test" if "test" in self.splits else "val")
