@@ -118,7 +118,7 @@ def test_principal_axis_of_a_rotated_rectangle_is_within_rasterisation():
 
 def test_a_rectangle_has_no_head_so_the_estimator_says_nan():
     masks = torch.stack([rectangle(64, 64, 24.0, 6.0, 30.0), torch.zeros(64, 64, dtype=bool)])
-    out = MaskAxisOrientation()(torch.zeros(2, 3, 64, 64), masks)
+    out = MaskAxisOrientation().headings(torch.zeros(2, 3, 64, 64), masks)
     assert out.isnan().all()  # no head, and an empty mask
 
 
@@ -129,12 +129,12 @@ def test_triangle_headings_over_360_degrees():
     masks = torch.stack(
         [scene_image([Shape("triangle", "red", 64, 64, 40, a)], 128)[1][0] for a in angles]
     )
-    got = est(torch.zeros(len(angles), 3, 128, 128), masks)
+    got = est.headings(torch.zeros(len(angles), 3, 128, 128), masks)
     err = (got - torch.tensor(angles) + 180) % 360 - 180
     # exact at multiples of 45 deg (the raster is symmetric); measured max 0.3 deg elsewhere
     assert err[:6].abs().max() < 1e-4 and err.abs().max() < 0.5
     circle = scene_image([Shape("circle", "red", 64, 64, 40, 0.0)], 128)[1]
-    assert est(torch.zeros(1, 3, 128, 128), circle).isnan().all()  # no axis
+    assert est.headings(torch.zeros(1, 3, 128, 128), circle).isnan().all()  # no axis
 
 
 # --- the crop scorer and the loaders ------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_the_highest_scoring_proposal_wins_and_fills_the_detection():
         assert det.area[i] == best.sum()
         assert det.box[i].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert torch.allclose(det.centre[i], torch.stack([xs.float(), ys.float()]).mean(1) + 0.5)
-        expected = MaskAxisOrientation()(images[i : i + 1], best[None])[0]
+        expected = MaskAxisOrientation().headings(images[i : i + 1], best[None])[0]
         assert torch.equal(det.angle[i], expected) or (det.angle[i].isnan() and expected.isnan())
 
 
@@ -277,7 +277,7 @@ def test_a_users_orientation_estimator_fills_the_angle():
         def __init__(self, degrees: float = 33.0):
             self.degrees = degrees
 
-        def __call__(self, images, masks):
+        def headings(self, images, masks):
             return torch.full((masks.shape[0],), self.degrees)
 
     seg = SamClipSegmenter.from_models(

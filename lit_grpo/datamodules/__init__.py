@@ -1,10 +1,10 @@
-"""Data: ShapeWorld, the embedded procedural world (and, later, jsonl datasets of real images).
+"""Data: ShapeWorld, the embedded procedural world, and jsonl datasets of real images.
 
-`ShapeWorldDataModule` is resolved lazily so that `lit_grpo.datamodules.shapeworld` (numpy
-and torch only) can be imported without pulling in Lightning.
+The data modules are resolved lazily so that `lit_grpo.datamodules.shapeworld` and
+`.instructions` (numpy and torch only) can be imported without pulling in Lightning.
 """
 
-__all__ = ["ShapeWorldDataModule"]
+__all__ = ["JsonlDataModule", "ShapeWorldDataModule"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from lit_grpo.datamodules.shapeworld_dm import ShapeWorldDataModule
 
         return ShapeWorldDataModule
+    if name == "JsonlDataModule":
+        from lit_grpo.datamodules.jsonl import JsonlDataModule
+
+        return JsonlDataModule
     raise AttributeError(f"module 'lit_grpo.datamodules' has no attribute {name!r}")

@@ -26,12 +26,15 @@ from torch import Tensor
 
 @runtime_checkable
 class OrientationEstimator(Protocol):
-    """`estimator(images [N, 3, H, W] in [0, 1], masks [N, H, W] bool) -> [N]` headings in
-    degrees (ccw as seen, 0 = up; NaN where unreadable). The estimator may use the pixels,
-    the mask or both; only differences of headings are scored, so its zero may be any fixed
-    direction of the object."""
+    """`estimator.headings(images [N, 3, H, W] in [0, 1], masks [N, H, W] bool) -> [N]`
+    headings in degrees (ccw as seen, 0 = up; NaN where unreadable). The estimator may use the
+    pixels, the mask or both; only differences of headings are scored, so its zero may be any
+    fixed direction of the object.
 
-    def __call__(self, images: Tensor, masks: Tensor) -> Tensor: ...
+    A named method rather than `__call__`: jsonargparse reads a protocol whose `__call__`
+    returns a class (Tensor) as a factory of that class and refuses estimator class_paths."""
+
+    def headings(self, images: Tensor, masks: Tensor) -> Tensor: ...
 
 
 def mask_moments(mask: Tensor) -> tuple[float, float, float, float]:
@@ -91,7 +94,7 @@ class MaskAxisOrientation:
             raise ValueError(f"min_skew must be >= 0, got {min_skew}")
         self.min_elongation, self.min_skew, self.min_pixels = min_elongation, min_skew, min_pixels
 
-    def __call__(self, images: Tensor, masks: Tensor) -> Tensor:
+    def headings(self, images: Tensor, masks: Tensor) -> Tensor:
         if masks.ndim != 3:
             raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
         out = torch.full((masks.shape[0],), math.nan)

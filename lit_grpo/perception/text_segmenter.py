@@ -336,10 +336,9 @@ class SamClipSegmenter:
             box[i] = torch.tensor([c[0], r[0], c[-1] + 1, r[-1] + 1], dtype=torch.float32)
         angle = torch.full((n,), float("nan"))
         if found.any():
+            on = found.to(images.device)
             angle[found] = (
-                self.orientation(images[found.to(images.device)], mask[found].to(images.device))
-                .float()
-                .cpu()
+                self.orientation.headings(images[on], mask[found].to(images.device)).float().cpu()
             )
         det = Detections(found, mask, box, centre, angle, area)
         return det.to(images.device)
