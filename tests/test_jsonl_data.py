@@ -205,6 +205,21 @@ def test_bad_rows_stop_with_every_file_and_line(tmp_path):
     assert "on_bad_row: skip" in message
 
 
+def test_a_truncated_jpeg_is_caught_by_decoding_it(tmp_path):
+    _, rows = shapeworld_rows(tmp_path, 1, full=False)
+    buffer = tmp_path / "whole.jpg"
+    Image.open(tmp_path / "imgs/0.png").resize((256, 256)).save(buffer, quality=95)
+    whole = buffer.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    path = write_jsonl(tmp_path / "j.jsonl", [rows[0] | {"image": "cut.jpg"}, rows[0]])
+    with pytest.raises(ConfigError, match=r"j.jsonl:1: image .*cut.jpg is not a readable image"):
+        JsonlEditDataset(path, 16)
+    fast = JsonlEditDataset(path, 16, check_pixels=False)  # headers only: it slips through
+    assert len(fast) == 2
+    with pytest.raises(OSError, match=f"{path}:1: cannot read"):
+        fast[0]
+
+
 def test_skip_warns_with_the_lines_and_keeps_the_good_rows(tmp_path):
     path, _ = bad_file(tmp_path)
     with pytest.warns(UserWarning, match="skipping 10 of 12 rows") as caught:

@@ -53,6 +53,8 @@ class JsonlEditDataset(Dataset):
         image_root: folder of the rows' paths, relative to the jsonl's folder.
         on_bad_row: "error" (stop, listing every bad row) or "skip" (warn, leave them out).
         require_target: a row without a target is a bad row (SFT trains on targets).
+        check_pixels: decode every distinct image file up front (catches truncated JPEGs;
+            off: headers and PNG checksums only, for huge datasets).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class JsonlEditDataset(Dataset):
         image_root: str = ".",
         on_bad_row: Literal["skip", "error"] = "error",
         require_target: bool = False,
+        check_pixels: bool = True,
     ):
         if on_bad_row not in ("skip", "error"):
             raise ConfigError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
@@ -70,7 +73,7 @@ class JsonlEditDataset(Dataset):
         if min(h, w) < 1:
             raise ConfigError(f"resolution must be positive, got {resolution}")
         self.resolution = (int(h), int(w))
-        rows, bad, unknown = read_rows(self.path, image_root, require_target)
+        rows, bad, unknown = read_rows(self.path, image_root, require_target, check_pixels)
         if unknown:
             rank_zero_warn(
                 f"{self.path}: ignoring unknown key(s) {sorted(unknown)}; a row has "
@@ -155,6 +158,8 @@ class JsonlDataModule(L.LightningDataModule):
             it was trained at), else an error asks for it.
         on_bad_row: "error" stops at setup listing every bad row (file:line: what is
             wrong); "skip" warns with the count and lines and leaves them out.
+        check_pixels: decode every distinct image file at setup (catches truncated JPEGs);
+            off checks headers and PNG checksums only, for datasets too big to decode twice.
         batch_size: conditions per batch (a GRPO stage samples a group for each).
         num_workers: DataLoader workers.
         seed: the training order's seed (per epoch; resumes mid-epoch from a checkpoint).
@@ -172,6 +177,7 @@ class JsonlDataModule(L.LightningDataModule):
         image_root: str = ".",
         resolution: int | tuple[int, int] | None = None,
         on_bad_row: Literal["skip", "error"] = "error",
+        check_pixels: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
@@ -219,6 +225,7 @@ class JsonlDataModule(L.LightningDataModule):
                     self.hparams.image_root,
                     self.hparams.on_bad_row,
                     require_target=needs_targets and split in ("train", "val"),
+                    check_pixels=self.hparams.check_pixels,
                 )
 
     def _resolution(self) -> tuple[int, int]:

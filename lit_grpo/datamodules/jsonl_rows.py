@@ -2,9 +2,10 @@
 
 Every line is checked (docs/data.md has the schema): valid JSON, the required keys as
 non-empty strings, a known task, an instruction that reads as its task
-(`instructions.parse_instruction`), image / target / mask files that exist and open (PIL's
-`verify`: structure and checksums, the pixels are not decoded), a mask the image's size, a
-box inside the image. A bad row becomes one "file:line: what is wrong" line, all of a row's
+(`instructions.parse_instruction`), image / target / mask files that exist and decode (PIL's
+`verify`, structure and PNG checksums, then a full decode, which is what catches a truncated
+JPEG; `check_pixels=False` skips the decode), a mask the image's size, a box inside the
+image. Each distinct file is checked once (expanded datasets name an image a dozen times). A bad row becomes one "file:line: what is wrong" line, all of a row's
 problems at once; `report_bad_rows` stops with all of them or warns and goes on.
 """
 
@@ -49,13 +50,17 @@ class _BadRow(Exception):
 
 
 def read_rows(
-    path: str | Path, image_root: str = ".", require_target: bool = False
+    path: str | Path,
+    image_root: str = ".",
+    require_target: bool = False,
+    check_pixels: bool = True,
 ) -> tuple[list[Row], list[str], set[str]]:
     """(the good rows, "file:line: what is wrong" for each bad one, keys no row should have).
     Blank lines are skipped; line numbers count every line from 1."""
     path = Path(path)
     base = path.parent / image_root
     rows, bad, unknown = [], [], set()
+    probe = _ImageProbe(check_pixels)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             origin = f"{path}:{n}"
@@ -65,7 +70,7 @@ def read_rows(
                     continue
                 value = _json_object(line)
                 unknown |= set(value) - set(REQUIRED) - set(OPTIONAL) - set(IGNORED)
-                rows.append(_check_row(value, base, origin, require_target))
+                rows.append(_check_row(value, base, origin, require_target, probe))
             except UnicodeDecodeError:
                 bad.append(f"{origin}: not UTF-8 text")
             except _BadRow as err:
@@ -83,7 +88,7 @@ def _json_object(line: str) -> dict:
     return value
 
 
-def _check_row(value: dict, base: Path, origin: str, require_target: bool) -> Row:
+def _check_row(value: dict, base: Path, origin: str, require_target: bool, probe) -> Row:
     missing = [k for k in REQUIRED if k not in value]
     if missing:
         raise _BadRow(f"missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
@@ -105,13 +110,13 @@ def _check_row(value: dict, base: Path, origin: str, require_target: bool) -> Ro
         except InstructionError as err:
             problems.append(f"instruction {text!r} does not read as a {task} edit: {err}")
     image = base / value["image"]
-    size = _probe(image, "image", problems)
+    size = probe(image, "image", problems)
     target = base / given["target"] if "target" in given else None
     if target is not None:
-        _probe(target, "target", problems)
+        probe(target, "target", problems)
     mask = base / given["mask"] if "mask" in given else None
     if mask is not None:
-        mask_size = _probe(mask, "mask", problems)
+        mask_size = probe(mask, "mask", problems)
         if size and mask_size and mask_size != size:
             problems.append(f"mask {mask} is {_wxh(mask_size)}, the image {_wxh(size)}")
     box = given.get("box")
@@ -132,19 +137,36 @@ def _wxh(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]} px"
 
 
-def _probe(path: Path, what: str, problems: list[str]) -> tuple[int, int] | None:
-    """The (width, height) of an image file whose data checks out, else a problem noted."""
-    if not path.is_file():
-        problems.append(f"{what} not found: {path}")
-        return None
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()  # the file's structure and checksums, without decoding the pixels
-    except Exception as err:  # PIL raises many types for a damaged file
-        problems.append(f"{what} {path} is not a readable image ({type(err).__name__}: {err})")
-        return None
-    return size
+class _ImageProbe:
+    """(width, height) of image files whose data checks out; a problem noted otherwise.
+    Remembers each file's answer."""
+
+    def __init__(self, check_pixels: bool):
+        self.check_pixels = check_pixels
+        self.seen: dict[Path, tuple[int, int] | str] = {}
+
+    def __call__(self, path: Path, what: str, problems: list[str]) -> tuple[int, int] | None:
+        if path not in self.seen:
+            self.seen[path] = self._check(path)
+        found = self.seen[path]
+        if isinstance(found, str):
+            problems.append(f"{what} {found}")
+            return None
+        return found
+
+    def _check(self, path: Path) -> tuple[int, int] | str:
+        if not path.is_file():
+            return f"not found: {path}"
+        try:
+            with Image.open(path) as im:
+                size = im.size
+                im.verify()  # structure and PNG checksums, without decoding
+            if self.check_pixels:
+                with Image.open(path) as im:
+                    im.load()  # a truncated JPEG passes verify() and fails here
+        except Exception as err:  # PIL raises many types for a damaged file
+            return f"{path} is not a readable image ({type(err).__name__}: {err})"
+        return size
 
 
 def _check_box(box, size: tuple[int, int], problems: list[str]):
