@@ -318,6 +318,31 @@ def test_grpo_trains_on_jsonl_batches_unchanged(tmp_path):
     assert torch.isfinite(metrics["val/translate/background_l1"])
 
 
+def test_sft_trains_on_rows_with_targets_and_no_val_split(tmp_path):
+    from lit_grpo.modules import SFTModule
+    from lit_grpo.policies import TinyEditPolicy
+
+    _, rows = shapeworld_rows(tmp_path, 4)
+    dm = JsonlDataModule(
+        train=str(write_jsonl(tmp_path / "t.jsonl", rows)), resolution=16, batch_size=2
+    )
+    torch.manual_seed(0)
+    module = SFTModule(TinyEditPolicy(width=32, depth=1, heads=2), warmup_steps=1, sample_steps=2)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, dm)
+    assert trainer.global_step == 2 and dm.val_dataloader() == []
+    assert not torch.equal(
+        module.policy.transformer.proj_out.weight, before["policy.transformer.proj_out.weight"]
+    )
+
+
 def test_fit_through_the_cli_reports_bad_rows_without_a_traceback(tmp_path, in_tmp, capsys):
     from lit_grpo.__main__ import main
 

@@ -293,8 +293,11 @@ def test_a_users_orientation_estimator_fills_the_angle():
     assert det.found.all() and det.angle.tolist() == [33.0]
 
 
-def test_detections_stay_on_the_images_device_and_inputs_are_checked():
+def test_inputs_are_checked_and_copies_share_the_segmenter():
     seg = SamClipSegmenter.from_models(tiny_sam(), AreaScorer(), points_per_side=2, min_quality=-10)
+    import copy
+
+    assert copy.deepcopy(seg) is seg  # an EMA copy of the module shares the judges
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         seg(torch.zeros(3, 8, 8), ["x"])
     with pytest.raises(ValueError, match="2 phrases for 1 images"):

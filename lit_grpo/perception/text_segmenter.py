@@ -274,6 +274,10 @@ class SamClipSegmenter:
         self.min_quality, self.min_area, self.max_area = min_quality, min_area, max_area
         self.orientation = orientation if orientation is not None else MaskAxisOrientation()
 
+    def __deepcopy__(self, memo: dict) -> SamClipSegmenter:
+        # a judge, not a trained part: copies of the module (EMA weights) share it
+        return self
+
     @torch.no_grad()
     def propose(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """SAM's kept proposals for one image [3, H, W] in [0, 1]: masks [M, H, W] bool and
