@@ -3,15 +3,17 @@
 InstructRL4Pix (Li, Liu, Chen, Liu 2024) fine-tunes an instruction-based diffusion editor
 with PPO over the denoising process seen as a multi-step MDP, rewarding an edit by the
 distance between the attention map of the instruction's target object and the region where
-that object should be, plus a CLIP term for instruction alignment. Its introduction builds
-on DDPO (Black et al. 2023), and the summary names nothing beyond it: so the PPO here is
-DDPO's, which is Flow-GRPO's update with one difference, the baseline:
+that object should be, plus a CLIP term for instruction alignment. Its introduction takes
+the multi-step MDP from DDPO (Black et al. 2023), and the summary names no value network, KL
+term or clip range: so the PPO here is DDPO's, which is Flow-GRPO's update with one
+difference, the baseline:
 
 - every denoising step is an action; the reward comes at the end, and each step's
   advantage is the final reward normalised over the whole batch (`objectives.
   batch_advantages`: DDPO's batch mean and std), not within the group of a condition;
-- the clipped importance ratio per step, summed over the steps into one optimiser step per
-  minibatch (`ClippedUpdate`, unchanged); no value network, no KL term by default.
+- the clipped importance ratio per step, the step losses averaged into one optimiser step
+  per minibatch (`ClippedUpdate`, unchanged); no value network, no KL term by default
+  (`kl_beta` still adds Flow-GRPO's), DDPO's clip range 1e-4 in the config.
 
 What this module adds to `GRPOModule`, each in one overridden piece:
 - `normalise`: DDPO's batch-wide advantages instead of GRPO's per-group ones;
