@@ -431,6 +431,8 @@ def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards
         "val/translate/accuracy",
     ):
         assert key in run.data.metrics, key
+    # two minibatches: the second is trained off-policy, so PPO's ratio moves off 1
+    assert run.data.metrics["train/approx_kl"] > 0
     # a missing CLIP file is named by the up-front check, before anything is built (the
     # command line turns it into exit code 2, as test_missing_metric_weights_... shows)
     with pytest.raises(FileNotFoundError, match="no_clip.bin.*never downloads") as err:

@@ -13,7 +13,9 @@ difference, the baseline:
   batch_advantages`: DDPO's batch mean and std), not within the group of a condition;
 - the clipped importance ratio per step, the step losses averaged into one optimiser step
   per minibatch (`ClippedUpdate`, unchanged); no value network, no KL term by default
-  (`kl_beta` still adds Flow-GRPO's), DDPO's clip range 1e-4 in the config.
+  (`kl_beta` still adds Flow-GRPO's). The config takes DDPO's clip range (1e-4) and
+  several optimiser steps per rollout batch (`minibatches: 2`): with one, the ratio is
+  always 1 when the loss is taken and the clip never binds.
 
 What this module adds to `GRPOModule`, each in one overridden piece:
 - `normalise`: DDPO's batch-wide advantages instead of GRPO's per-group ones;
