@@ -171,7 +171,7 @@ class LitGRPOCLI(LightningCLI):
                 from lit_grpo.metrics.lpips import alexnet_weights
 
                 alexnet_weights(init.get("weights"))
-            elif class_path == "lit_grpo.metrics.CLIPScore":
+            elif class_path in ("lit_grpo.metrics.CLIPScore", "lit_grpo.rewards.CLIPReward"):
                 from lit_grpo.metrics.clip import check_clip_files
 
                 check_clip_files(init.get("model", ""), init.get("pretrained", ""))

@@ -387,3 +387,54 @@ def test_rcgrpo_configs_train_lora_with_the_attention_reward(in_tmp, config, exp
         "val/translate/accuracy",
     ):
         assert key in run.data.metrics, key
+
+
+def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards(in_tmp):
+    import mlflow
+    import open_clip
+    from test_metrics import TINY_CLIP
+
+    model = in_tmp / "tiny-clip.json"  # a random open_clip model in local files
+    model.write_text(json.dumps(TINY_CLIP))
+    weights = in_tmp / "tiny_clip.pt"
+    torch.manual_seed(0)
+    torch.save(open_clip.CLIP(**TINY_CLIP).state_dict(), weights)
+
+    def rewards(pretrained):  # the paper's pair: the config's comment shows the same entry
+        clip = {"model": str(model), "pretrained": str(pretrained), "weight": 1.0}
+        return "--model.init_args.rewards=" + json.dumps(
+            [
+                {"class_path": "lit_grpo.rewards.AttentionMapReward"},
+                {"class_path": "lit_grpo.rewards.CLIPReward", "init_args": clip},
+            ]
+        )
+
+    config = str(ROOT / "configs/instructrl4pix.yaml")
+    args = ["--config", config, *GRPO_TINY, rewards(weights)]
+    cli = run_cli(["fit", *args])
+    initial = dict(run_cli(args, run=False).model.named_parameters())
+    lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
+    assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
+    assert not any("judge" in k or "clip" in k for k in cli.model.state_dict())  # not saved
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("shapeworld-instructrl4pix").experiment_id]
+    )
+    for key in (
+        "reward/attention_map",
+        "reward/clip",
+        "adv/std",
+        "train/loss",
+        "train/clip_fraction",
+        "val/attention_map",
+        "val/clip",
+        "val/translate/accuracy",
+    ):
+        assert key in run.data.metrics, key
+    # two minibatches: the second is trained off-policy, so PPO's ratio moves off 1
+    assert run.data.metrics["train/approx_kl"] > 0
+    # a missing CLIP file is named by the up-front check, before anything is built (the
+    # command line turns it into exit code 2, as test_missing_metric_weights_... shows)
+    with pytest.raises(FileNotFoundError, match="no_clip.bin.*never downloads") as err:
+        run_cli(["fit", "--config", config, *GRPO_TINY, rewards(in_tmp / "no_clip.bin")])
+    assert any(entry.name == "before_instantiate_classes" for entry in err.traceback)

@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import fields
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
 from lit_grpo.perception.detections import Detections
+from lit_grpo.perception.frozen import Frozen  # noqa: F401  (metrics hold their networks in it)
 
 
 class EditMetric(Metric):
@@ -115,23 +116,3 @@ def select_rows(
 
     sub = {k: pick(v) for k, v in batch.items()}
     return source[rows], edited[rows], sub, pick_detections(before), pick_detections(after)
-
-
-class Frozen:
-    """A frozen judge network (plus whatever it needs) held outside the module tree.
-
-    Why: its weights come from their own file. Kept out of `state_dict`, a LightningModule that
-    owns the metric neither checkpoints them (a CLIP ViT-L would add 1.7 GB to every checkpoint)
-    nor fails to load checkpoints written without the metric. Copies of the metric (`clone`,
-    `for_task`, an EMA copy of the module) share it; it moves to the images' device on use.
-    """
-
-    def __init__(self, net: nn.Module, **extras) -> None:
-        self.net = net.eval().requires_grad_(False)
-        self.__dict__.update(extras)
-
-    def on(self, device: torch.device) -> nn.Module:
-        return self.net.to(device)
-
-    def __deepcopy__(self, memo: dict) -> Frozen:
-        return self

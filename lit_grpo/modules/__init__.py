@@ -1,6 +1,7 @@
 """Training stages as LightningModules."""
 
 from lit_grpo.modules.grpo import GRPOModule
+from lit_grpo.modules.instructrl4pix import InstructRL4PixModule
 from lit_grpo.modules.neighbor import NeighborRCGRPOModule
 from lit_grpo.modules.rcgrpo import RCGRPOModule
 from lit_grpo.modules.sft import SFTModule
@@ -8,6 +9,7 @@ from lit_grpo.modules.spatialflow import SpatialFlowGRPOModule
 
 __all__ = [
     "GRPOModule",
+    "InstructRL4PixModule",
     "NeighborRCGRPOModule",
     "RCGRPOModule",
     "SFTModule",

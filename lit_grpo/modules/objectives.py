@@ -1,5 +1,6 @@
-"""GRPO's pure tensor functions: group advantages, the clipped ratio loss, the KL term, and
-Neighbor GRPO's two (its softmax-over-distances policy, its quasi-norm advantages).
+"""GRPO's pure tensor functions: group advantages, the clipped ratio loss, the KL term,
+Neighbor GRPO's two (its softmax-over-distances policy, its quasi-norm advantages), and
+DDPO's batch-wide advantages (InstructRL4Pix's PPO).
 
 No Lightning here: each function has an exact-value test (tests/test_objectives.py).
 Layout: rollouts of one condition are contiguous, rewards [B * G] = B groups of G.
@@ -60,6 +61,38 @@ def group_advantages(
         zero_spread,
         valid.flatten(),
     )
+
+
+def batch_advantages(
+    rewards: Tensor,
+    group_size: int,
+    clamp: float = 5.0,
+    eps: float = 1e-4,
+    spread_tol: float = 1e-6,
+) -> Advantages:
+    """DDPO's advantages (Black et al. 2023): A_i = (r_i - mean(r)) / (std(r) + eps) over the
+    whole (gathered) batch, clamped to +-clamp; the baseline is the batch mean, not the
+    group's. std is the population std (numpy's, as DDPO's).
+
+    Groups only describe the layout here: a group whose rollouts tie still carries signal
+    against the batch mean, so `zero_spread` [B] is all True only when the whole batch has
+    no spread (nothing to learn), all False otherwise. Non-finite rewards are dropped from the
+    statistics and get advantage 0 (valid False).
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * {group_size}], got {tuple(rewards.shape)}")
+    r = rewards.double()  # [B * G]
+    finite = torch.isfinite(r)
+    pooled = r[finite]
+    mean = pooled.mean() if pooled.numel() else r.new_zeros(())
+    std = pooled.std(unbiased=False) if pooled.numel() > 1 else r.new_zeros(())
+    flat = bool(std <= spread_tol)
+    adv = ((r - mean) / (std + eps)).clamp(-clamp, clamp)
+    valid = finite & (not flat)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    zero_spread = torch.full((r.numel() // group_size,), flat, device=r.device)
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return Advantages(adv.to(dtype), zero_spread, valid)
 
 
 @dataclass

@@ -3,9 +3,11 @@
 `Detections` (what a segmenter found), the `Segmenter` protocol, the ShapeWorld
 `ColourSegmenter`, the real-image `SamClipSegmenter` (SAM proposals ranked by open_clip,
 both imported lazily, from local weights), the `OrientationEstimator` contract and its
-mask-geometry default, and `geometry` (displacement, rotation, scale and background
-measurements of an edit from two `Detections`). Depends on torch, numpy and scipy (the
-colour segmenter reads ShapeWorld's palette lazily, as its default).
+mask-geometry default, `geometry` (displacement, rotation, scale and background
+measurements of an edit from two `Detections`; the edit and target regions of an
+instruction), and the frozen judges `Frozen` and `clip` (open_clip from local files).
+Depends on torch, numpy, scipy and torchvision (the colour segmenter reads ShapeWorld's
+palette lazily, as its default; open_clip is imported only when a CLIP model is loaded).
 """
 
 from lit_grpo.perception.detections import Detections

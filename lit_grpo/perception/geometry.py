@@ -15,7 +15,8 @@ the units are our choices:
 - scale ratio: sqrt(area_after / area_before), compared with the instructed factor.
 
 Beside them, `geneval_relation` is GenEval's relative-position rule, as its code writes it,
-and `edit_region` is where an instructed edit may change the image (RC-GRPO's region).
+`edit_region` is where an instructed edit may change the image (RC-GRPO's region), and
+`target_region` where the object should be once edited (InstructRL4Pix's target region).
 """
 
 import math
@@ -225,6 +226,58 @@ def edit_region(
     if margin > 0:
         k = 2 * margin + 1
         region = torch.nn.functional.max_pool2d(region[:, None].float(), k, 1, margin)[:, 0] > 0
+    return region
+
+
+def target_region(
+    before: Detections,
+    task: Sequence[str],
+    direction: Tensor,
+    angle: Tensor,
+    factor: Tensor,
+    image_size: tuple[int, int],
+    move_fraction: float = 0.25,
+) -> Tensor:
+    """Where the object should be after the instructed edit [N, H, W] bool: its source mask
+    moved by the instruction, from what a reward sees (no ground truth). Ours: InstructRL4Pix
+    takes its target region as given.
+
+    Each pixel centre p of the result takes the source mask at c + M^-1 (p - c - t), nearest
+    pixel, with c the mask's centre and
+    - translate: M = I, t = `direction` [N, 2] x `move_fraction` of the image side;
+    - rotate: M the rotation by `angle` [N] degrees, + = counter-clockwise as seen (y down);
+    - scale: M = `factor` [N] x I.
+    Rows whose object was not found, or of another task, are empty: nothing says where the
+    object should be.
+    """
+    h, w = image_size
+    n = len(before)
+    mask = before.mask.bool()
+    region = torch.zeros(n, h, w, dtype=torch.bool, device=mask.device)
+    ys = torch.arange(h, device=mask.device).float()[:, None] + 0.5  # pixel centres
+    xs = torch.arange(w, device=mask.device).float()[None, :] + 0.5
+    for i in range(n):
+        if not bool(before.found[i]) or not bool(mask[i].any()):
+            continue
+        cx, cy = before.centre[i].float().tolist()
+        dx, dy = xs - cx, ys - cy  # [1, W], [H, 1]: offsets from the centre
+        if task[i] == "translate":
+            tx, ty = (direction[i].float().cpu() * move_fraction * torch.tensor([w, h])).tolist()
+            sx, sy = dx - tx, dy - ty
+        elif task[i] == "rotate":
+            # a ccw turn as seen (y down) takes (u, v) to (u cos a + v sin a, -u sin a + v cos a);
+            # its inverse turns by -a
+            a = math.radians(float(angle[i]))
+            sx, sy = dx * math.cos(a) - dy * math.sin(a), dx * math.sin(a) + dy * math.cos(a)
+        elif task[i] == "scale":
+            f = float(factor[i])
+            sx, sy = dx / f, dy / f
+        else:
+            continue
+        col = torch.floor(cx + sx.expand(h, w)).long()  # the source pixel each one comes from
+        row = torch.floor(cy + sy.expand(h, w)).long()
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        region[i] = inside & mask[i][row.clamp(0, h - 1), col.clamp(0, w - 1)]
     return region
 
 

@@ -131,6 +131,16 @@ class EditPolicy(nn.Module, ABC):
             )
         yield []
 
+    def phrase_tokens(self, instructions: Sequence[str], phrases: Sequence[str]) -> Tensor:
+        """[N, L] bool: the tokens of each instruction that spell its phrase (the object an
+        edit names), on the L axis of the `capture_attention` maps; a row whose phrase does
+        not occur in its instruction is all False. Attention rewards that read one object's
+        attention (InstructRL4Pix's) need it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not map phrases to its instruction tokens; the "
+            "object-attention reward needs a policy that implements phrase_tokens"
+        )
+
     # LoRA and the reference view, shared by every backbone through peft.
     @property
     @abstractmethod

@@ -37,6 +37,22 @@ class WordTokenizer:
         mask[:, 0] = True  # an empty instruction still has one key to attend to
         return ids, mask
 
+    def phrase_mask(self, texts: Sequence[str], phrases: Sequence[str]) -> Tensor:
+        """[N, max_words] bool: the word positions of the first occurrence of each phrase in
+        its text (all False where it does not occur within max_words)."""
+        if len(texts) != len(phrases):
+            raise ValueError(f"{len(texts)} texts but {len(phrases)} phrases")
+        out = torch.zeros(len(texts), self.max_words, dtype=torch.bool)
+        for row, (text, phrase) in enumerate(zip(texts, phrases)):
+            words = _WORD.findall(text.lower())[: self.max_words]
+            target = _WORD.findall(phrase.lower())
+            k = len(target)
+            for start in range(len(words) - k + 1) if k else ():
+                if words[start : start + k] == target:
+                    out[row, start : start + k] = True
+                    break
+        return out
+
 
 class TextEncoder(nn.Module):
     """Word embeddings, learned positions and `layers` transformer encoder layers."""

@@ -268,6 +268,11 @@ class TinyEditPolicy(EditPolicy):
         finally:
             self.transformer.attention_maps = None
 
+    def phrase_tokens(self, instructions: Sequence[str], phrases: Sequence[str]) -> Tensor:
+        """The word positions of each phrase in its instruction [N, max_words] (the word-level
+        tokenizer's: one token per word)."""
+        return self.tokenizer.phrase_mask(instructions, phrases)
+
     def _check_size(self, images: Tensor) -> None:
         p = self.transformer.patch_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % p or images.shape[-2] % p:

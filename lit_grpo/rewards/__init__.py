@@ -1,8 +1,12 @@
-"""Rewards under one contract (`base.py`), the spatial rewards (over `lit_grpo.perception`) and
-RC-GRPO's attention concentration reward (`attention.py`)."""
+"""Rewards under one contract (`base.py`), the spatial rewards (over `lit_grpo.perception`),
+RC-GRPO's attention concentration reward (`attention.py`), SpatialFlow-GRPO's region reward
+(`regions.py`), and InstructRL4Pix's attention-map and CLIP rewards (`attention_distance.py`,
+`clip_reward.py`; open_clip is imported only when a `CLIPReward` is built)."""
 
 from lit_grpo.rewards.attention import AttentionConcentrationReward
+from lit_grpo.rewards.attention_distance import AttentionMapReward
 from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
+from lit_grpo.rewards.clip_reward import CLIPReward
 from lit_grpo.rewards.regions import RegionReward
 from lit_grpo.rewards.scoring import Scorer, Scores
 from lit_grpo.rewards.spatial import (
@@ -14,7 +18,9 @@ from lit_grpo.rewards.spatial import (
 
 __all__ = [
     "AttentionConcentrationReward",
+    "AttentionMapReward",
     "BackgroundReward",
+    "CLIPReward",
     "EditSpec",
     "RegionReward",
     "Reward",

@@ -77,8 +77,12 @@ class RewardInputs:
     For attention rewards, when the stage records them (None otherwise):
     attention: [N, L, rows, cols] the instruction tokens' attention over the edit's image
         tokens, averaged over the sampled steps (padding tokens 0);
-    attention_region: [N, rows, cols] the share of each token that the edit region covers
-        (the policy's `pixel_to_tokens` of `perception.geometry.edit_region`)."""
+    attention_region: [N, rows, cols] the share of each image token that the stage's region
+        covers (the policy's `pixel_to_tokens`): RC-GRPO's edit region
+        (`perception.geometry.edit_region`), InstructRL4Pix's target region
+        (`perception.geometry.target_region`);
+    attention_tokens: [N, L] 1.0 on the instruction tokens that name the edited object
+        (the policy's `phrase_tokens` of `spec.object`), 0 elsewhere."""
 
     images: Tensor
     source: Tensor
@@ -90,6 +94,7 @@ class RewardInputs:
     source_objects: Tensor | None = None
     attention: Tensor | None = None
     attention_region: Tensor | None = None
+    attention_tokens: Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:

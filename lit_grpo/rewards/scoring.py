@@ -46,12 +46,13 @@ class Scorer(nn.Module):
         attention: Tensor | None = None,
         attention_region: Tensor | None = None,
         before: Detections | None = None,
+        attention_tokens: Tensor | None = None,
     ) -> RewardInputs:
         """What the rewards see of `images` [B * repeats, 3, H, W], the edits of the batch's
         B conditions (each `repeats` times in a row). `attention` [B * repeats, L, rows,
-        cols] and `attention_region` [B * repeats, rows, cols] are passed through for
-        attention rewards; `before` (the B sources' detections) saves segmenting the sources
-        again when the caller already has them."""
+        cols], `attention_region` [B * repeats, rows, cols] and `attention_tokens`
+        [B * repeats, L] are passed through for attention rewards; `before` (the B sources'
+        detections) saves segmenting the sources again when the caller already has them."""
         spec = EditSpec.from_batch(batch).repeat_interleave(repeats)
         if before is None:
             before = self.segmenter(batch["source"], batch["object"])
@@ -76,6 +77,7 @@ class Scorer(nn.Module):
             source_objects=scene,
             attention=attention,
             attention_region=attention_region,
+            attention_tokens=attention_tokens,
         )
 
     @torch.no_grad()
