@@ -138,3 +138,42 @@ def load_lora(module: nn.Module, path: str) -> LoraSettings:
             f"{path} does not fit {type(module).__name__}: unexpected keys {unexpected[:4]}"
         )
     return settings
+
+
+def diffusers_lora_state(module: nn.Module, prefix: str = "transformer") -> tuple[dict, dict]:
+    """The adapter of `module` (a diffusers transformer) as diffusers' LoRA loaders read it:
+    tensors under `<prefix>.<layer>.lora_A.weight` / `.lora_B.weight` and, in the
+    safetensors metadata (`lora_adapter_metadata`), the adapter's peft config with the same
+    prefix, so that rank, alpha and targets load exactly (not guessed from the shapes)."""
+    import json
+
+    from peft import get_peft_model_state_dict
+
+    config = getattr(module, "peft_config", {}).get("default")
+    if config is None or not has_lora(module):
+        raise ValueError(f"{type(module).__name__} carries no LoRA adapter to export")
+    state = get_peft_model_state_dict(module)
+    tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    settings = {
+        k: sorted(v) if isinstance(v, set) else v
+        for k, v in config.to_dict().items()
+        if k not in ("runtime_config",)
+    }
+    meta = {f"{prefix}.{k}": v for k, v in settings.items()}
+    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+
+
+def save_diffusers_lora(
+    module: nn.Module, path: str, prefix: str = "transformer", dtype: torch.dtype | None = None
+) -> None:
+    """Write `diffusers_lora_state` to `path` (.safetensors): a file that
+    `FluxKontextPipeline.load_lora_weights` / `QwenImageEditPipeline.load_lora_weights` load."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors, metadata = diffusers_lora_state(module, prefix)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
