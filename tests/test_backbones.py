@@ -4,6 +4,7 @@ The tiny configurations follow diffusers' own pipeline tests; the text encoders 
 by `WordEmbedder` (the real ones load from a local folder, which CPU tests cannot have)."""
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,7 +14,7 @@ from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule, RCGRPOModule, SFTModule
 from lit_grpo.policies import FluxKontextPolicy, LoraSettings, QwenImageEditPolicy
-from lit_grpo.policies.diffusers_common import WordEmbedder
+from lit_grpo.policies.diffusers_common import ModelFilesError, WordEmbedder
 from lit_grpo.policies.lora import save_diffusers_lora
 from lit_grpo.policies.qwen_edit import true_cfg
 from lit_grpo.rewards import AttentionConcentrationReward, Reward, RewardOutput
@@ -370,15 +371,15 @@ def test_exported_lora_loads_into_the_diffusers_pipeline_and_gives_the_policy_ou
 
 
 def test_missing_folder_and_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained folder not found"):
+    with pytest.raises(ModelFilesError, match="pretrained folder not found"):
         FluxKontextPolicy(pretrained=str(tmp_path / "nowhere"))
     (tmp_path / "transformer").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"transformer/config\.json is missing"):
+    with pytest.raises(ModelFilesError, match=r"transformer/config\.json is missing"):
         FluxKontextPolicy(pretrained=str(tmp_path))
     for sub in ("transformer", "vae", "text_encoder"):
         (tmp_path / sub).mkdir(exist_ok=True)
         (tmp_path / sub / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"QwenImageEditPolicy: .*/processor is missing"):
+    with pytest.raises(ModelFilesError, match=r"QwenImageEditPolicy: .*/processor is missing"):
         QwenImageEditPolicy(pretrained=str(tmp_path))
 
 
@@ -419,7 +420,7 @@ def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
     assert bf16.velocity(x, torch.tensor([0.5]), cond).dtype == torch.bfloat16
     for weights in (tmp_path / "transformer").glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(FileNotFoundError, match="could not load FluxTransformer2DModel"):
+    with pytest.raises(ModelFilesError, match="could not load FluxTransformer2DModel"):
         FluxKontextPolicy(pretrained=str(tmp_path))
 
 
@@ -429,3 +430,48 @@ def test_shard_modules_are_the_transformer_blocks(name):
     blocks = policy.shard_modules()
     assert len(blocks) == 2  # Flux: 1 joint + 1 single-stream block; Qwen: 2 blocks
     assert all(any(b is m for m in policy.transformer.modules()) for b in blocks)
+
+
+# --- the config overlays ---------------------------------------------------------------------
+
+OVERLAYS = sorted((Path(__file__).resolve().parent.parent / "configs/backbones").glob("*.yaml"))
+METHODS = ["sft.yaml", "talk2move.yaml"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_backbone_overlays_parse_over_method_configs(overlay, method, capsys):
+    from lit_grpo.cli import run_cli
+
+    config = str(overlay.parent.parent / method)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", config, "--config", str(overlay), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    policy = "FluxKontextPolicy" if "flux" in overlay.name else "QwenImageEditPolicy"
+    assert f"class_path: lit_grpo.policies.{policy}" in printed
+    assert "rank: 64" in printed and "lr: 0.0001" in printed and "weights: null" in printed
+
+
+def test_an_overlay_without_local_weights_is_refused_in_one_line(in_tmp, capsys):
+    from lit_grpo.__main__ import main
+
+    capsys.readouterr()
+    overlay = OVERLAYS[0]  # both policies check their folder with the same code
+    sft = str(overlay.parent.parent / "sft.yaml")
+    assert main(["fit", "--config", sft, "--config", str(overlay)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "FluxKontextPolicy: pretrained folder not found: /models/FLUX.1-Kontext-dev" in lines[0]
+
+
+def test_importing_the_policies_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lit_grpo.policies; "
+        "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -4,7 +4,7 @@
   Hub snapshots hold: `model_index.json`, `transformer/`, `vae/`, `text_encoder*/`,
   `tokenizer*/`). Everything loads with `local_files_only=True`; `HF_HUB_OFFLINE=1` is set
   unless the user set it, so nothing reaches for the network. A missing folder or file is
-  named in a one-line `FileNotFoundError` before any weights are read.
+  named in a one-line `ModelFilesError` (a `ConfigError`) before any weights are read.
 - Text embedders: a callable `(instructions, images) -> TextEmbedding` (the `TextEmbedder`
   protocol). The real ones (`FluxTextEncoders`, `QwenVLTextEncoder`, in the backbones'
   files) load their encoders from the folder on first use; `WordEmbedder` is a tiny
@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from lit_grpo.checks import ConfigError
 from lit_grpo.policies.attention_capture import AttentionRecorder, processors_swapped
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings, add_lora
@@ -43,6 +44,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+class ModelFilesError(ConfigError):
+    """A local model folder lacks a folder or file the policy needs (one line, named)."""
+
+
 class DiffusersFolder:
     """A local diffusers folder; `needs` are the sub-folders the policy will load."""
 
@@ -51,7 +56,7 @@ class DiffusersFolder:
         self.path = Path(path).expanduser()
         self.what = what
         if not self.path.is_dir():
-            raise FileNotFoundError(
+            raise ModelFilesError(
                 f"{what}: pretrained folder not found: {self.path}. Point `pretrained` at a "
                 "local diffusers folder (the Hub snapshot, e.g. from `huggingface-cli "
                 "download` on a machine with network access)"
@@ -66,7 +71,7 @@ class DiffusersFolder:
         if missing is None and marker and not (folder / marker).is_file():
             missing = folder / marker
         if missing is not None:
-            raise FileNotFoundError(
+            raise ModelFilesError(
                 f"{self.what}: {missing} is missing; {self.path} is not a complete "
                 f"diffusers folder of this model (it needs {sub}/)"
             )
@@ -82,7 +87,7 @@ class DiffusersFolder:
                 str(self.path), subfolder=sub, local_files_only=True, **kwargs
             )
         except (OSError, ValueError) as err:  # a missing weights file, a corrupt config
-            raise FileNotFoundError(
+            raise ModelFilesError(
                 f"{self.what}: could not load {cls.__name__} from {self.path / sub}: {err}"
             ) from err
         if isinstance(model, nn.Module):
