@@ -9,7 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from lit_grpo.__main__ import main
+from lit_grpo.callbacks import LoraExporter
 from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule, RCGRPOModule, SFTModule
@@ -124,12 +127,14 @@ class Brightness(Reward):
         return RewardOutput(inputs.images.float().mean((1, 2, 3)))
 
 
-def quiet_fit(module, steps=2, **data):
+def quiet_fit(module, steps=2, callbacks=(), root=None, **data):
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=10,
         logger=False,
-        enable_checkpointing=False,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+        enable_checkpointing=root is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -339,9 +344,18 @@ def test_exported_lora_loads_into_the_diffusers_pipeline_and_gives_the_policy_ou
     policy = BACKBONES[name]()
     base = copy.deepcopy(policy.transformer)
     module = SFTModule(policy, lora=LoraSettings(rank=4, alpha=8), lr=5e-2, warmup_steps=1)
-    quiet_fit(module, steps=2)
+    exporter = LoraExporter(dirpath=str(tmp_path / "lora"), diffusers_prefix="transformer")
+    quiet_fit(module, steps=2, callbacks=[exporter], root=tmp_path)  # one epoch: one checkpoint
+    (from_callback,) = (tmp_path / "lora").glob("*.safetensors")
     path = tmp_path / "lora.safetensors"
     save_diffusers_lora(policy.transformer, path)
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    from_command = tmp_path / "command.safetensors"
+    assert main(["export", str(ckpt), str(from_command), "--lora-diffusers"]) == 0
+    written = load_file(path)
+    for other in (from_callback, from_command):  # three writers, one file
+        assert load_file(other).keys() == written.keys()
+        assert all(torch.equal(load_file(other)[k], v) for k, v in written.items())
 
     if name == "flux":
         pipe = FluxKontextPipeline(
@@ -351,7 +365,7 @@ def test_exported_lora_loads_into_the_diffusers_pipeline_and_gives_the_policy_ou
         pipe = QwenImageEditPipeline(
             FlowMatchEulerDiscreteScheduler(), policy.vae, None, None, None, base
         )
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(from_callback))
     loaded = BACKBONES[name]()
     loaded.transformer = pipe.transformer  # the pipeline's transformer, adapter from the file
 
@@ -454,8 +468,6 @@ def test_backbone_overlays_parse_over_method_configs(overlay, method, capsys):
 
 
 def test_an_overlay_without_local_weights_is_refused_in_one_line(in_tmp, capsys):
-    from lit_grpo.__main__ import main
-
     capsys.readouterr()
     overlay = OVERLAYS[0]  # both policies check their folder with the same code
     sft = str(overlay.parent.parent / "sft.yaml")
