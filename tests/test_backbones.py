@@ -487,3 +487,43 @@ def test_importing_the_policies_does_not_import_diffusers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# --- no host synchronisation inside velocity -------------------------------------------------
+
+SYNCS = ["item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__"]
+
+
+class HostSync(Exception):
+    pass
+
+
+@pytest.fixture
+def syncs_raise(monkeypatch):
+    """Every Tensor method that copies a value to the host (a GPU sync) raises while active."""
+
+    def refuse(*args, **kwargs):
+        raise HostSync
+
+    def arm():
+        for name in SYNCS:
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+
+    return arm
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_velocity_forward_backward_and_capture_make_no_host_sync(name, syncs_raise):
+    policy = BACKBONES[name]()
+    policy.add_lora(LoraSettings(rank=2, alpha=2))
+    batch = scenes()
+    cond = policy.encode_condition(batch["source"], batch["instruction"])
+    x = torch.randn(2, *policy.latent_shape((SIZE, SIZE)))
+    sigma = torch.tensor([0.3, 0.6])
+    syncs_raise()
+    with pytest.raises(HostSync):  # the guard is live
+        bool(sigma[0] > 0)
+    policy.velocity(x, sigma, cond).pow(2).mean().backward()
+    with torch.no_grad(), policy.capture_attention() as maps, policy.reference():
+        policy.velocity(x, sigma, cond)
+    assert len(maps) == 1
