@@ -397,16 +397,66 @@ def test_missing_folder_and_files_are_named(tmp_path):
         QwenImageEditPolicy(pretrained=str(tmp_path))
 
 
-def save_flux_folder(root):
+def save_flux_folder(root, text_encoders: bool = False):
+    """A Kontext folder of tiny parts; the text encoders are configs only unless asked for
+    (then a random CLIP and T5 with hand-made word vocabularies)."""
     transformer, vae = tiny_flux_parts()
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
+    if text_encoders:
+        save_tiny_text_encoders(root)
+        return transformer
     for sub in ("text_encoder", "text_encoder_2"):  # configs only: loaded on first use
         (root / sub).mkdir()
         (root / sub / "config.json").write_text("{}")
     for sub in ("tokenizer", "tokenizer_2"):
         (root / sub).mkdir()
     return transformer
+
+
+def save_tiny_text_encoders(root):
+    import json
+
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    words = "move the red blue square circle left right".split()
+    (root / "tokenizer").mkdir()
+    vocab = {
+        "<|startoftext|>": 0,
+        "<|endoftext|>": 1,
+        **{f"{w}</w>": i + 2 for i, w in enumerate(words)},
+    }
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    clip_tok = CLIPTokenizer(
+        str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt")
+    )
+    clip_tok.model_max_length = 16
+    clip_tok.save_pretrained(root / "tokenizer")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    T5TokenizerFast(vocab=pieces, extra_ids=0).save_pretrained(root / "tokenizer_2")
+    torch.manual_seed(0)
+    clip = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    CLIPTextModel(clip).save_pretrained(root / "text_encoder")
+    t5 = T5Config(vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4)
+    T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")
 
 
 def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
@@ -436,6 +486,23 @@ def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
         weights.unlink()
     with pytest.raises(ModelFilesError, match="could not load FluxTransformer2DModel"):
         FluxKontextPolicy(pretrained=str(tmp_path))
+
+
+def test_flux_text_encoders_load_from_the_folder_on_first_use(tmp_path):
+    save_flux_folder(tmp_path, text_encoders=True)
+    policy = FluxKontextPolicy(str(tmp_path), dtype="float32", max_sequence_length=8)
+    encoders = policy.text.embedder
+    assert encoders.models is None
+    images = scenes()["source"]
+    cond = policy.encode_condition(images, ["move the red square left", "move the blue circle"])
+    assert encoders.models is not None
+    assert cond.text.shape == (2, 8, 32) and cond.pooled.shape == (2, 32)
+    # padding is attended (as the pipeline does) but marked: 5 words + </s>, 4 words + </s>
+    assert cond.text_mask.sum(1).tolist() == [6, 5]
+    v = policy.velocity(torch.randn(2, *policy.latent_shape((SIZE, SIZE))), torch.rand(2), cond)
+    assert v.shape == (2, 2, 8, 8) and torch.isfinite(v).all()
+    again = policy.encode_condition(images, ["move the blue circle", "move the red square left"])
+    assert torch.equal(again.text, cond.text.flip(0))  # from the cache, row for row
 
 
 @pytest.mark.parametrize("name", BACKBONES)

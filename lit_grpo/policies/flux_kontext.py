@@ -7,7 +7,8 @@ What the policy does, as diffusers' `FluxKontextPipeline` does it:
   on the sequence axis, with position ids `(1, row, col)` against the target's `(0, row,
   col)`; the output is sliced back to the target tokens;
 - text: T5 token features (`max_sequence_length` tokens, padding included and attended,
-  as the pipeline does) and CLIP's pooled vector;
+  as the pipeline does; `Condition.text_mask` marks the real tokens, for the attention
+  maps only) and CLIP's pooled vector;
 - noise level: the transformer takes `timestep = sigma` (the pipeline passes t / 1000 with
   t = 1000 sigma; the model scales by 1000 inside) and predicts `noise - x0`, lit_grpo's
   flow convention (the scheduler's Euler step is `x + (sigma_next - sigma) v`);
@@ -74,16 +75,22 @@ class FluxTextEncoders:
         clip_tok, clip, t5_tok, t5 = self.models
         clip.to(self.device)
         t5.to(self.device)
-        tokens = lambda tok, n: tok(  # noqa: E731
-            list(instructions),
-            padding="max_length",
-            max_length=n,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        pooled = clip(tokens(clip_tok, clip_tok.model_max_length)).pooler_output
-        text = t5(tokens(t5_tok, self.max_sequence_length))[0]
-        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+
+        def tokens(tokenizer, length: int):
+            return tokenizer(
+                list(instructions),
+                padding="max_length",
+                max_length=length,
+                truncation=True,
+                return_tensors="pt",
+            ).to(self.device)
+
+        pooled = clip(tokens(clip_tok, clip_tok.model_max_length).input_ids).pooler_output
+        t5_inputs = tokens(t5_tok, self.max_sequence_length)
+        text = t5(t5_inputs.input_ids)[0]
+        # the transformer attends every token, padding included (as the pipeline does); the
+        # mask marks the real ones for the attention maps
+        mask = t5_inputs.attention_mask.bool()
         return TextEmbedding(text, mask, pooled)
 
 
