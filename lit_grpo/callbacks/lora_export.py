@@ -12,6 +12,10 @@ carries the peft adapter (lit_grpo stages: the policy's denoiser); keys are then
 it. Without it, every `lora_` tensor of the module is exported under its full name. The
 tensors are read from the checkpoint being saved (not the live module), so what is exported
 is exactly what the checkpoint holds.
+
+With `diffusers_prefix` (e.g. "transformer"), the file is in the layout diffusers' pipelines
+load with `load_lora_weights`: every key under `<prefix>.`, and the adapter config (rank,
+alpha, targets) in the `lora_adapter_metadata` entry of the safetensors metadata.
 """
 
 import json
@@ -28,11 +32,16 @@ class LoraExporter(Callback):
         dirpath: where to write; default `lora/` beside the checkpoint callback's files
             (or under the trainer's `default_root_dir` without one).
         half: store float16 (half the size).
+        diffusers_prefix: write diffusers' LoRA layout under this component name
+            ("transformer" for FLUX.1-Kontext and Qwen-Image-Edit pipelines); None: peft's.
     """
 
-    def __init__(self, dirpath: str | None = None, half: bool = False):
+    def __init__(
+        self, dirpath: str | None = None, half: bool = False, diffusers_prefix: str | None = None
+    ):
         self.dirpath = dirpath
         self.half = half
+        self.diffusers_prefix = diffusers_prefix
         self._last_step: int | None = None
 
     def _dir(self, trainer: Trainer) -> Path:
@@ -59,6 +68,8 @@ class LoraExporter(Callback):
             )
         if self.half:
             tensors = {k: v.half() for k, v in tensors.items()}
+        if self.diffusers_prefix:
+            tensors, metadata = diffusers_layout(tensors, metadata, self.diffusers_prefix)
         metadata["global_step"] = str(trainer.global_step)
         from safetensors.torch import save_file
 
@@ -94,3 +105,22 @@ def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, di
             }
         )
     return tensors, metadata
+
+
+def diffusers_layout(tensors: dict, metadata: dict, prefix: str) -> tuple[dict, dict[str, str]]:
+    """peft-layout adapter tensors and `lora_tensors`' metadata -> diffusers' LoRA layout."""
+    if "lit_grpo.lora" not in metadata:
+        raise ValueError(
+            "LoraExporter: the module's adapter config (peft_config) was not found, which "
+            "diffusers' layout needs; drop diffusers_prefix or expose `lora_module`"
+        )
+    settings = json.loads(metadata["lit_grpo.lora"])
+    config = {
+        "r": settings["rank"],
+        "lora_alpha": settings["alpha"],
+        "target_modules": sorted({k.split(".lora_")[0] for k in tensors}),  # the layers
+        "lora_dropout": settings["dropout"],
+    }
+    meta = {f"{prefix}.{k}": v for k, v in config.items()}
+    metadata = {**metadata, "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}, metadata

@@ -138,3 +138,49 @@ def load_lora(module: nn.Module, path: str) -> LoraSettings:
             f"{path} does not fit {type(module).__name__}: unexpected keys {unexpected[:4]}"
         )
     return settings
+
+
+def save_diffusers_lora_tensors(
+    tensors: dict, settings: LoraSettings, path, prefix: str = "transformer"
+) -> None:
+    """Write adapter tensors in peft's layout (`<layer>.lora_A.weight`, no adapter name) as
+    a file diffusers' `load_lora_weights` loads: every key under `<prefix>.`, and the adapter
+    config (peft's field names under `<prefix>.`, in the `lora_adapter_metadata` entry of
+    the safetensors metadata), so rank and alpha load exactly instead of being guessed. The
+    targets are the layers the tensors name, whatever `settings.target_modules` says (empty
+    there means the policy's defaults)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if not tensors:
+        raise ValueError("no LoRA tensors to export")
+    layers = sorted({k.split(".lora_")[0] for k in tensors})
+    config = {
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "target_modules": layers,
+        "lora_dropout": settings.dropout,
+    }
+    meta = {f"{prefix}.{k}": v for k, v in config.items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+    out = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata=metadata)
+
+
+def save_diffusers_lora(
+    module: nn.Module, path, prefix: str = "transformer", dtype: torch.dtype | None = None
+) -> None:
+    """`save_diffusers_lora_tensors` of the adapter `module` (a diffusers transformer)
+    carries: what `FluxKontextPipeline` / `QwenImageEditPipeline.load_lora_weights` load."""
+    from peft import get_peft_model_state_dict
+
+    config = getattr(module, "peft_config", {}).get("default")
+    if config is None or not has_lora(module):
+        raise ValueError(f"{type(module).__name__} carries no LoRA adapter to export")
+    settings = LoraSettings(config.r, config.lora_alpha, [], config.lora_dropout)
+    state = get_peft_model_state_dict(module)
+    tensors = {k: v.to(dtype or v.dtype) for k, v in state.items()}
+    save_diffusers_lora_tensors(tensors, settings, path, prefix)
