@@ -12,6 +12,10 @@ carries the peft adapter (lit_grpo stages: the policy's denoiser); keys are then
 it. Without it, every `lora_` tensor of the module is exported under its full name. The
 tensors are read from the checkpoint being saved (not the live module), so what is exported
 is exactly what the checkpoint holds.
+
+Under FSDP2 (Lightning's `ModelParallelStrategy`) the checkpoint holds each rank's shards
+(DTensors): every rank gathers the adapter's tensors, and only those, then rank 0 writes the
+file. The frozen base weights are never gathered.
 """
 
 import json
@@ -46,11 +50,14 @@ class LoraExporter(Callback):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # every rank builds the checkpoint; one writes (as Lightning's own save does)
+        # every rank builds the checkpoint (and gathers sharded tensors); one writes
         path = self._dir(trainer) / f"lora-step={trainer.global_step:06d}.safetensors"
-        if not trainer.is_global_zero or self._last_step == trainer.global_step:
+        if self._last_step == trainer.global_step:
             return  # a "last" and a "best" checkpoint of the same step share one export
         tensors, metadata = lora_tensors(pl_module, checkpoint["state_dict"])
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         if not tensors:
             raise ValueError(
                 f"LoraExporter: {type(pl_module).__name__} has no LoRA parameters "
@@ -64,11 +71,11 @@ class LoraExporter(Callback):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
-        self._last_step = trainer.global_step
 
 
 def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, dict[str, str]]:
-    """(adapter tensors in peft's key layout, safetensors metadata with the adapter config)."""
+    """(adapter tensors in peft's key layout, safetensors metadata with the adapter config).
+    Sharded (DTensor) values are gathered whole: a collective, so every rank calls this."""
     target = getattr(pl_module, "lora_module", None)
     prefix = ""
     if target is not None:
@@ -80,7 +87,7 @@ def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, di
         name = key[len(prefix) :]
         for adapter in ("lora_A", "lora_B"):  # peft: drop the adapter name ("default")
             name = name.replace(f".{adapter}.default.", f".{adapter}.")
-        tensors[name] = value.detach().cpu().contiguous()
+        tensors[name] = _whole(value.detach()).cpu().contiguous()
     metadata = {"format": "pt", "lit_grpo.lora_prefix": prefix}
     config = getattr(target if target is not None else pl_module, "peft_config", None)
     if isinstance(config, dict) and "default" in config:
@@ -94,3 +101,19 @@ def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, di
             }
         )
     return tensors, metadata
+
+
+def _whole(value):
+    """The full tensor of a sharded DTensor (gathered over its mesh), a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        return value
+    mesh = value.device_mesh
+    if value.to_local().device.type != mesh.device_type:
+        # a checkpoint's shards offloaded to the CPU: gather them on the mesh's device
+        local = value.to_local().to(mesh.device_type)
+        value = DTensor.from_local(
+            local, mesh, value.placements, shape=value.shape, stride=value.stride()
+        )
+    return value.full_tensor()
