@@ -170,6 +170,37 @@ def test_the_cli_reads_a_distributed_checkpoint_and_checks_its_policy(fsdp, caps
     assert "another policy architecture" in line and "depth: checkpoint 2 vs config 1" in line
 
 
+@pytest.mark.slow
+def test_two_nodes_on_localhost_fit_and_resume_through_the_cli(tmp_path):
+    """scripts/two_node_local.sh: torchrun --nnodes=2 (one process each) runs the CLI with the
+    FSDP2 overlay; then the same launch resumes with --ckpt_path last (a checkpoint folder).
+    About 3 minutes on 2 cores."""
+    import mlflow
+
+    from lit_grpo.checks import read_checkpoint
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = [str(ROOT / "scripts/two_node_local.sh"), str(tmp_path)]
+    for extra in ([], ["--trainer.max_steps=3", "--ckpt_path=last"]):
+        done = subprocess.run(
+            [*script, *extra], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert len(list(last.glob("*.distcp"))) == 2  # one shard file per "node"
+    meta = read_checkpoint(last, "checkpoint")
+    assert meta["global_step"] == 3 and meta["grpo_generators"].shape[0] == 2
+    assert (last.parent / "lora" / "lora-step=000003.safetensors").is_file()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
+    )
+    assert run.info.status == "FINISHED" and run.info.run_id == meta["mlflow_run_id"]
+    assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 3
+
+
 @pytest.mark.gpu
 def test_fsdp2_grpo_steps_on_one_gpu(tmp_path):
     """The FSDP2 path (bf16, activation checkpointing) on one GPU: trains and resumes."""
