@@ -88,6 +88,7 @@ class Recorded(GRPOModule):
             sample_steps=3,
             eval_steps=2,
             inner_epochs=2,  # the second pass has a ratio != 1: a loss that is not ~0
+            kl_beta=0.05,  # a reference forward with the adapter off, sharded too
             lr=1e-2,
             **kwargs,
         )

@@ -158,6 +158,17 @@ def test_fsdp2_checkpoints_are_sharded_and_the_adapter_is_exported_whole(fsdp):
     for name, weight in gathered.items():
         key = name.removeprefix("policy.transformer.").replace(".default.", ".")
         assert torch.equal(exported[key], weight), key
+    # a later stage starts from it: the base weights and lora.init_from
+    from lit_grpo.policies import LoraSettings, TinyEditPolicy
+
+    export = str(folder / "lora" / "lora-step=000003.safetensors")
+    policy = TinyEditPolicy(width=32, depth=2, heads=2)
+    policy.prepare_training(LoraSettings(rank=4, alpha=4, init_from=export))
+    started = {f"policy.{n}": p for n, p in policy.named_parameters() if "lora_" in n}
+    assert started.keys() == gathered.keys()
+    assert all(torch.equal(started[n], w) and started[n].requires_grad for n, w in gathered.items())
+    with pytest.raises(ValueError, match="holds an adapter of rank 4.*asks for rank 8"):
+        TinyEditPolicy(width=32, depth=2, heads=2).add_lora(LoraSettings(rank=8, init_from=export))
 
 
 def test_the_cli_reads_a_distributed_checkpoint_and_checks_its_policy(fsdp, capsys, in_tmp):
@@ -214,3 +225,74 @@ def test_fsdp2_grpo_steps_on_one_gpu(tmp_path):
     assert_resumed_where_it_stopped(
         whole, torch.load(tmp_path / "resumedrank0.pt", weights_only=False)
     )
+
+
+# --- the pieces, on one process ----------------------------------------------------------
+def test_ranks_take_turns_through_the_epoch_order_and_together_cover_one_process_batches():
+    from lit_grpo.datamodules.resumable import EpochSampler
+
+    one = list(EpochSampler(10, seed=3))
+    ranks = [list(EpochSampler(10, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert all(len(r) == 4 for r in ranks)  # 10 padded to 12 with the order's first two
+    assert [r[k] for k in range(4) for r in ranks] == (one + one[:2])
+    # batch s of 2 per rank x 3 ranks = positions [6s, 6s + 6) of one process's order
+    assert sorted(ranks[0][:2] + ranks[1][:2] + ranks[2][:2]) == sorted(one[:6])
+    resumed = EpochSampler(10, seed=3, num_replicas=3, rank=1)
+    resumed.skip = 2  # this rank's own delivered samples
+    assert list(resumed) == ranks[1][2:]
+    with pytest.raises(ValueError, match="rank 3 is not one of 3"):
+        EpochSampler(10, num_replicas=3, rank=3)
+
+
+def test_shard_modules_are_the_transformer_blocks():
+    from torch import nn
+
+    from lit_grpo.policies import TinyEditPolicy
+    from lit_grpo.policies.base import EditPolicy
+
+    policy = TinyEditPolicy(width=32, depth=3, heads=2)
+    assert policy.shard_modules() == list(policy.transformer.blocks)
+    # the default: every ModuleList named *blocks directly under the denoiser (diffusers'
+    # transformer_blocks and single_transformer_blocks), in order
+    denoiser = nn.Module()
+    denoiser.transformer_blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    denoiser.single_transformer_blocks = nn.ModuleList([nn.Linear(2, 2)])
+    denoiser.proj_out = nn.Linear(2, 2)
+    blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+    policy.transformer = denoiser
+    assert EditPolicy.shard_modules(policy) == blocks
+    del denoiser.transformer_blocks, denoiser.single_transformer_blocks
+    with pytest.raises(NotImplementedError, match="override shard_modules"):
+        EditPolicy.shard_modules(policy)
+
+
+def test_sharding_refuses_trainable_weights_outside_the_denoiser_and_unknown_dtypes():
+    from lit_grpo.modules.sharding import ShardingSettings, shard_policy
+    from lit_grpo.policies import TinyEditPolicy
+
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    policy.prepare_training(None, full="all")  # SFT from scratch trains the text encoder
+    with pytest.raises(ValueError, match="also trains.*text_encoder.*LoRA.*ddp.yaml"):
+        shard_policy(policy, mesh=None, settings=ShardingSettings())
+    with pytest.raises(ValueError, match="sharding.param_dtype must be one of"):
+        ShardingSettings(param_dtype="bf16")
+
+
+@pytest.mark.parametrize("overlay", ["fsdp", "ddp"])
+def test_the_strategy_overlays_parse_and_build_their_trainer(overlay, in_tmp):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lit_grpo.cli import run_cli
+
+    config = ["--config", str(ROOT / "configs/talk2move.yaml")]
+    config += ["--config", str(ROOT / f"configs/strategy/{overlay}.yaml")]
+    cli = run_cli([*config, "--trainer.accelerator=cpu"], run=False)
+    strategy = cli.trainer.strategy
+    assert cli.trainer.num_devices == 2 and cli.trainer.num_nodes == 1
+    if overlay == "fsdp":
+        assert isinstance(strategy, ModelParallelStrategy)
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
+        sharding = cli.model.sharding
+        assert (sharding.param_dtype, sharding.reduce_dtype) == ("bfloat16", "float32")
+    else:
+        assert isinstance(strategy, DDPStrategy)
