@@ -186,7 +186,7 @@ def test_the_cli_reads_a_distributed_checkpoint_and_checks_its_policy(fsdp, caps
 def test_two_nodes_on_localhost_fit_and_resume_through_the_cli(tmp_path):
     """scripts/two_node_local.sh: torchrun --nnodes=2 (one process each) runs the CLI with the
     FSDP2 overlay; then the same launch resumes with --ckpt_path last (a checkpoint folder).
-    About 3 minutes on 2 cores."""
+    1-3 minutes on 2 cores."""
     import mlflow
 
     from lit_grpo.checks import read_checkpoint
