@@ -22,9 +22,15 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
 
 def ensure_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.is_file() and not is_distributed_checkpoint(p):
         raise FileNotFoundError(f"{what} not found: {p.resolve()}. {hint}")
     return p
+
+
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint written by Lightning's ModelParallelStrategy: a folder of shards with the
+    rest of the checkpoint (loops, hyper-parameters, callbacks) in `meta.pt`."""
+    return Path(path).is_dir() and (Path(path) / "meta.pt").is_file()
 
 
 class ConfigError(ValueError):
@@ -42,6 +48,10 @@ def read_checkpoint(path: str | os.PathLike, what: str) -> dict:
 
     import torch
 
+    if is_distributed_checkpoint(path):
+        # a distributed checkpoint (ModelParallelStrategy): everything but the sharded
+        # weights and optimiser state is in its meta.pt
+        path = Path(path) / "meta.pt"
     try:  # mmap: only what is used is read (the hyper-parameters, not every tensor)
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:

@@ -204,7 +204,8 @@ class LitGRPOCLI(LightningCLI):
 
 
 def _latest_last_checkpoint(config) -> Path:
-    """The newest `last.ckpt` of the configured experiment's runs, for `--ckpt_path last`.
+    """The newest `last.ckpt` (a file, or the folder of a distributed checkpoint) of the
+    configured experiment's runs, for `--ckpt_path last`.
 
     Checkpoints sit in `<default_root_dir>/<experiment id>/<run id>/checkpoints/`; the id of
     an MLflow experiment (lit_grpo's logger) is looked up by name in its store. With another
@@ -227,7 +228,9 @@ def _latest_last_checkpoint(config) -> Path:
             f"--ckpt_path last: no run {where} has a checkpoints/last.ckpt. Pass the path of a "
             "checkpoint instead, or leave --ckpt_path out to start fresh"
         )
-    return max(found, key=lambda p: p.stat().st_mtime).resolve()
+    # a distributed checkpoint is a folder: its meta.pt is written last, by rank 0
+    written = lambda p: (p / "meta.pt" if p.is_dir() else p).stat().st_mtime  # noqa: E731
+    return max(found, key=written).resolve()
 
 
 def _experiment_id(name: str, tracking_uri: str | None, root: str) -> str | None:

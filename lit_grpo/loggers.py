@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from lit_grpo.checks import ensure_writable_dir
@@ -79,6 +80,7 @@ class MLflowLogger(MLFlowLogger):
     def resumed(self) -> bool:
         return self._resumed_run
 
+    @rank_zero_only  # as Lightning's: other ranks' `experiment` is a dummy
     def log_hyperparams(self, params) -> None:
         if self._resumed_run:
             from lightning.fabric.utilities.logger import _convert_params, _flatten_dict

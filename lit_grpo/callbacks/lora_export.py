@@ -16,6 +16,10 @@ is exactly what the checkpoint holds.
 With `diffusers_prefix` (e.g. "transformer"), the file is in the layout diffusers' pipelines
 load with `load_lora_weights`: every key under `<prefix>.`, and the adapter config (rank,
 alpha, targets) in the `lora_adapter_metadata` entry of the safetensors metadata.
+
+Under FSDP2 (Lightning's `ModelParallelStrategy`) the checkpoint holds each rank's shards
+(DTensors): every rank gathers the adapter's tensors, and only those, then rank 0 writes the
+file. The frozen base weights are never gathered.
 """
 
 import json
@@ -55,11 +59,14 @@ class LoraExporter(Callback):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # every rank builds the checkpoint; one writes (as Lightning's own save does)
+        # every rank builds the checkpoint (and gathers sharded tensors); one writes
         path = self._dir(trainer) / f"lora-step={trainer.global_step:06d}.safetensors"
-        if not trainer.is_global_zero or self._last_step == trainer.global_step:
+        if self._last_step == trainer.global_step:
             return  # a "last" and a "best" checkpoint of the same step share one export
         tensors, metadata = lora_tensors(pl_module, checkpoint["state_dict"])
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         if not tensors:
             raise ValueError(
                 f"LoraExporter: {type(pl_module).__name__} has no LoRA parameters "
@@ -75,11 +82,11 @@ class LoraExporter(Callback):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
-        self._last_step = trainer.global_step
 
 
 def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, dict[str, str]]:
-    """(adapter tensors in peft's key layout, safetensors metadata with the adapter config)."""
+    """(adapter tensors in peft's key layout, safetensors metadata with the adapter config).
+    Sharded (DTensor) values are gathered whole: a collective, so every rank calls this."""
     target = getattr(pl_module, "lora_module", None)
     prefix = ""
     if target is not None:
@@ -91,7 +98,7 @@ def lora_tensors(pl_module: LightningModule, state_dict: dict) -> tuple[dict, di
         name = key[len(prefix) :]
         for adapter in ("lora_A", "lora_B"):  # peft: drop the adapter name ("default")
             name = name.replace(f".{adapter}.default.", f".{adapter}.")
-        tensors[name] = value.detach().cpu().contiguous()
+        tensors[name] = _whole(value.detach()).cpu().contiguous()
     metadata = {"format": "pt", "lit_grpo.lora_prefix": prefix}
     config = getattr(target if target is not None else pl_module, "peft_config", None)
     if isinstance(config, dict) and "default" in config:
@@ -124,3 +131,19 @@ def diffusers_layout(tensors: dict, metadata: dict, prefix: str) -> tuple[dict, 
     meta = {f"{prefix}.{k}": v for k, v in config.items()}
     metadata = {**metadata, "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
     return {f"{prefix}.{k}": v for k, v in tensors.items()}, metadata
+
+
+def _whole(value):
+    """The full tensor of a sharded DTensor (gathered over its mesh), a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        return value
+    mesh = value.device_mesh
+    if value.to_local().device.type != mesh.device_type:
+        # a checkpoint's shards offloaded to the CPU: gather them on the mesh's device
+        local = value.to_local().to(mesh.device_type)
+        value = DTensor.from_local(
+            local, mesh, value.placements, shape=value.shape, stride=value.stride()
+        )
+    return value.full_tensor()

@@ -19,20 +19,38 @@ The loader counts epochs rather than taking Lightning's `set_epoch`: a fit stopp
 `max_steps` mid-epoch counts that epoch as processed, so the resumed run would be told the
 next epoch's number while it finishes this one. Lightning does not prefetch from a loader
 with a length, so "delivered" is exactly "started by the training loop" when a checkpoint
-is written (at the end of a batch, of a validation, of the fit). Under DDP Lightning wraps
-the sampler in a distributed one; the loader then iterates as a plain one (the order is
-still seeded, but a resumed epoch starts over).
+is written (at the end of a batch, of a validation, of the fit).
+
+Several data-parallel ranks (DDP, FSDP): `EpochSampler` deals the epoch's order out itself,
+rank r taking positions r, r + W, r + 2W, ... (W ranks; the order padded with its first
+samples to a multiple of W, as torch's `DistributedSampler` pads). It is a
+`DistributedSampler`, so Lightning keeps it instead of wrapping it in one of its own, and
+every rank skips its own delivered batches on resume. Batch s of every rank together holds
+exactly positions [s * W * B, (s + 1) * W * B) of the epoch's order: the conditions one
+process with batch W * B would train on at that step.
 """
 
+import math
+
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
-class EpochSampler(Sampler[int]):
-    """The indices of `size` samples, shuffled per epoch by (seed, epoch) or in order."""
+class EpochSampler(DistributedSampler):
+    """The indices of `size` samples, shuffled per epoch by (seed, epoch) or in order; with
+    `num_replicas` > 1, the share of data-parallel rank `rank` (see the module docstring).
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+    A `DistributedSampler` by type only (Lightning then leaves it in place); its own
+    constructor is not run: nothing here needs the process group.
+    """
+
+    def __init__(
+        self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} replicas")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0  # samples to leave out at the start of the next pass only
 
@@ -40,16 +58,21 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def order(self, epoch: int) -> np.ndarray:
+        """This rank's indices of `epoch`, in order."""
         if not self.shuffle:
-            return np.arange(self.size)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            order = np.arange(self.size)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        padded = np.resize(order, len(self) * self.num_replicas)  # repeats from the start
+        return padded[self.rank :: self.num_replicas]
 
     def __iter__(self):
         skip, self.skip = self.skip, 0
         return iter(self.order(self.epoch)[skip:].tolist())
 
     def __len__(self) -> int:
-        return self.size  # the epoch's length, whatever a resumed pass leaves out
+        # this rank's share of the epoch, whatever a resumed pass leaves out
+        return math.ceil(self.size / self.num_replicas)
 
 
 class ResumableLoader(DataLoader):

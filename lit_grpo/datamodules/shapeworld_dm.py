@@ -75,7 +75,9 @@ class ShapeWorldDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.splits["train"]
-        order = EpochSampler(len(data), self.hparams.seed, self.hparams.shuffle)
+        # several data-parallel ranks: each takes its share of the epoch (see resumable.py)
+        ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        order = EpochSampler(len(data), self.hparams.seed, self.hparams.shuffle, **(ranks or {}))
         return ResumableLoader(data, sampler=order, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

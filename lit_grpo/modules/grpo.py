@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_grpo.loggers import log_image
@@ -49,6 +50,7 @@ from lit_grpo.modules.objectives import (
     gathered_group_advantages,
     group_advantages,
 )
+from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
@@ -91,6 +93,8 @@ class GRPOModule(PolicyStage):
         grid_size: validation edits in the logged image grid.
         metrics: the edit metrics for validation and test (`EditMetrics()`, the spatial
             ones and background L1, by default; add LPIPS / CLIP there).
+        sharding: FSDP2 settings, used under `ModelParallelStrategy` only
+            (configs/strategy/fsdp.yaml; `lit_grpo.modules.sharding`).
     """
 
     full_finetune = "denoiser"
@@ -122,6 +126,7 @@ class GRPOModule(PolicyStage):
         eval_steps: int = 10,
         grid_size: int = 4,
         metrics: EditMetrics | None = None,
+        sharding: ShardingSettings | None = None,
     ):
         if not rewards:
             raise ValueError("GRPO needs at least one reward")
@@ -143,7 +148,7 @@ class GRPOModule(PolicyStage):
                 "kl_beta > 0 needs a LoRA adapter: the reference is the adapter-off view"
             )
         segmenter = segmenter or ColourSegmenter()
-        super().__init__(policy, lora, segmenter, metrics)
+        super().__init__(policy, lora, segmenter, metrics, sharding)
         self.save_hyperparameters(
             ignore=["policy", "rewards", "segmenter", "strategy", "noise", "metrics"]
         )
@@ -162,10 +167,11 @@ class GRPOModule(PolicyStage):
     def generator(self) -> torch.Generator:
         """The CPU generator of every training draw (rollout noise, minibatch order), saved in
         checkpoints. Seeded on first use from the run's seed (`seed_everything`, i.e.
-        `torch.initial_seed()`) plus the rank, so ranks explore differently; a CPU generator
-        gives the same noise on any device and its state resumes on another one."""
+        `torch.initial_seed()`) plus the data-parallel rank, so ranks explore differently; a
+        CPU generator gives the same noise on any device and its state resumes on another
+        one."""
         if self._generator is None:
-            seed = torch.initial_seed() + self.global_rank
+            seed = torch.initial_seed() + self.data_parallel_rank
             self._generator = torch.Generator().manual_seed(seed)
         return self._generator
 
@@ -224,17 +230,14 @@ class GRPOModule(PolicyStage):
         """`gathered_group_advantages` with this stage's `normalise`: (all ranks' advantages,
         this rank's values [N], this rank's valid rows [N])."""
         return gathered_group_advantages(
-            rewards, self.hparams.group_size, self.gather, self.global_rank, self.normalise
+            rewards, self.hparams.group_size, self.gather, self.data_parallel_rank, self.normalise
         )
 
-    def gather(self, tensor: Tensor) -> Tensor:
-        """Every rank's `tensor` stacked ([world, ...]); the tensor itself outside a Trainer."""
-        return self.all_gather(tensor) if self._trainer is not None else tensor
-
     def loss_denominator(self, adv: Advantages) -> float:
-        """Valid rows of all ranks per minibatch and rank: DDP's gradient average then equals
-        the single-process mean (exact with one minibatch)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        """Valid rows of all ranks per minibatch and rank: the gradient average of DDP and
+        FSDP over the data-parallel ranks then equals the single-process mean (exact with
+        one minibatch)."""
+        world = self.data_parallel_size
         return max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
 
     def normalise(self, rewards: Tensor, group_size: int) -> Advantages:
@@ -413,13 +416,27 @@ class GRPOModule(PolicyStage):
         super().on_save_checkpoint(checkpoint)
         checkpoint["grpo_iteration"] = self.iteration
         checkpoint["grpo_nonfinite_in_a_row"] = self.nonfinite_in_a_row
-        checkpoint["grpo_generator"] = self.generator.get_state()
+        # every data-parallel rank draws its own noise: the checkpoint (written by rank 0, or
+        # rank 0's meta.pt) keeps them all, [ranks, state bytes]
+        checkpoint["grpo_generators"] = self.gather(self.generator.get_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("grpo_iteration", 0))
         self.nonfinite_in_a_row = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
-        if checkpoint.get("grpo_generator") is not None:  # older checkpoints: a fresh seed
-            self.generator.set_state(checkpoint["grpo_generator"])
+        states = checkpoint.get("grpo_generators")
+        if states is None and checkpoint.get("grpo_generator") is not None:
+            states = checkpoint["grpo_generator"][None]  # written before ranks were kept
+        if states is None:  # older checkpoints: a fresh seed
+            return
+        states = states.reshape(-1, states.shape[-1])
+        if states.shape[0] != self.data_parallel_size:
+            rank_zero_warn(
+                f"the checkpoint holds the rollout noise of {states.shape[0]} data-parallel "
+                f"rank(s), this run has {self.data_parallel_size}: the noise restarts from "
+                "the seed, so the run will not repeat the interrupted one exactly"
+            )
+            return
+        self.generator.set_state(states[self.data_parallel_rank].clone())  # own storage
 
 
 def _nanmean(x: Tensor) -> float:

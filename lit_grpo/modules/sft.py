@@ -18,6 +18,7 @@ from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
 from lit_grpo.modules.grids import edit_grid
+from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.perception.segmenters import Segmenter
 from lit_grpo.policies.base import EditPolicy
@@ -39,6 +40,8 @@ class SFTModule(PolicyStage):
         segmenter: finds the instructed object for the edit metrics (ShapeWorld colours).
         metrics: the edit metrics of the ODE edits of validation and test
             (`EditMetrics()` by default).
+        sharding: FSDP2 settings, used under `ModelParallelStrategy` only (it shards the
+            denoiser; train a LoRA adapter there: the text encoder is not sharded).
 
     Every training and validation row needs a target image: a data module that can check
     that up front reads `needs_targets` (`JsonlDataModule` makes such rows bad rows).
@@ -59,8 +62,9 @@ class SFTModule(PolicyStage):
         grid_size: int = 8,
         segmenter: Segmenter | None = None,
         metrics: EditMetrics | None = None,
+        sharding: ShardingSettings | None = None,
     ):
-        super().__init__(policy, lora, segmenter, metrics)
+        super().__init__(policy, lora, segmenter, metrics, sharding)
         self.save_hyperparameters(ignore=["policy", "segmenter", "metrics"])
         sample_sigmas(1, kind=sigma_sampling)  # an unknown kind fails at construction
         self._grid_batch: dict | None = None

@@ -4,23 +4,32 @@
 without one), owns the evaluation pieces (segmenter, edit metrics), samples the evaluation
 edits (ODE, seeded), and writes the self-describing policy into every checkpoint. Subclasses
 add their loss and their optimiser.
+
+Under Lightning's `ModelParallelStrategy` the stage shards its policy's denoiser with FSDP2
+in `configure_model` (`lit_grpo.modules.sharding`); the data-parallel rank and size then
+come from the device mesh (`data_parallel_rank`, `data_parallel_size`), and `gather`
+collects a tensor from the data-parallel ranks. Under DDP or on one process they are the
+trainer's global rank and world size. See docs/scaling.md.
 """
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics
+from lit_grpo.modules.sharding import ShardingSettings, is_sharded, shard_policy
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
-from lit_grpo.policies.weights import policy_checkpoint_entry
+from lit_grpo.policies.weights import policy_checkpoint_entry, sharded_checkpoint_entry
 
 
 class PolicyStage(L.LightningModule):
-    """Base of the stages. `full` says what trains without LoRA: "all" parameters or the
-    "denoiser" alone (the condition encoders stay frozen)."""
+    """Base of the stages. `full_finetune` says what trains without LoRA: "all" parameters
+    or the "denoiser" alone (the condition encoders stay frozen). `sharding` applies only
+    under `ModelParallelStrategy` (None: `ShardingSettings()`, bf16 compute)."""
 
     full_finetune = "all"
 
@@ -30,12 +39,65 @@ class PolicyStage(L.LightningModule):
         lora: LoraSettings | None,
         segmenter: Segmenter | None = None,
         metrics: EditMetrics | None = None,
+        sharding: ShardingSettings | None = None,
     ):
         super().__init__()
         self.policy = policy
         policy.prepare_training(lora, full=self.full_finetune)
         self._segmenter = segmenter or ColourSegmenter()
         self.edit_metrics = metrics or EditMetrics()
+        self.sharding = sharding or ShardingSettings()
+
+    # --- scale-out: sharding, data-parallel ranks -------------------------------------------
+    def configure_model(self) -> None:
+        """Shard the policy (FSDP2) when the trainer's strategy is `ModelParallelStrategy`;
+        nothing otherwise. Lightning calls this before every fit / validate / test, so a
+        policy sharded already is left as it is."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if is_sharded(self.policy.denoiser):
+            return
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                "lit_grpo shards with FSDP2 over data-parallel ranks only: set "
+                "trainer.strategy.init_args.tensor_parallel_size to 1 (got "
+                f"{mesh['tensor_parallel'].size()})"
+            )
+        shard_policy(self.policy, mesh["data_parallel"], self.sharding)
+
+    @property
+    def is_sharded(self) -> bool:
+        return is_sharded(self.policy.denoiser)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This process's rank among the data-parallel replicas (the device mesh's under
+        `ModelParallelStrategy`, the trainer's global rank otherwise; 0 without a trainer)."""
+        if self.device_mesh is not None:
+            return self.device_mesh["data_parallel"].get_local_rank()
+        return self.trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        if self.device_mesh is not None:
+            return self.device_mesh["data_parallel"].size()
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every data-parallel rank's `tensor` stacked in rank order ([world, ...]); the
+        tensor itself on one process. A collective: every rank must call it."""
+        if self.device_mesh is not None:
+            parts = [torch.empty_like(tensor) for _ in range(self.data_parallel_size)]
+            dist.all_gather(
+                parts, tensor.contiguous(), group=self.device_mesh["data_parallel"].get_group()
+            )
+            return torch.stack(parts)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.all_gather(tensor)
 
     @property
     def segmenter(self) -> Segmenter:
@@ -65,6 +127,11 @@ class PolicyStage(L.LightningModule):
         report_edit_metrics(self, "test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.is_sharded:
+            # the weights are in the distributed checkpoint's shards: no full copy per save
+            # (LoraExporter writes the gathered adapter); the entry still names the policy
+            checkpoint["lit_grpo_policy"] = sharded_checkpoint_entry(self.policy)
+            return
         checkpoint["lit_grpo_policy"] = policy_checkpoint_entry(
             self.policy, checkpoint["state_dict"]
         )

@@ -113,10 +113,11 @@ class ClippedUpdate:
                         totals[key] += value
                     finite = finite and math.isfinite(values["loss"])
                     count += 1
-                # the norm is taken after the all-reduce (the same on every rank); a non-finite
-                # loss makes a non-finite gradient, so the ranks skip together
+                # the norm of the whole gradient (after DDP's all-reduce; over every shard
+                # under FSDP), the same on every rank; whether to skip is decided by all ranks
+                # together: a rank that stepped alone would wait forever in the next collective
                 norm = _grad_norm(module)
-                if not (finite and math.isfinite(norm)):
+                if _any_rank(strategy, not (finite and math.isfinite(norm)), module.device):
                     opt.zero_grad(set_to_none=True)
                     nonfinite += 1
                     continue
@@ -192,5 +193,26 @@ def _no_closure() -> None:
 
 
 def _grad_norm(module: L.LightningModule) -> float:
-    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else 0.0
+    """The L2 norm of every gradient. Under FSDP2 a gradient is a DTensor and each rank
+    holds a shard of it: the shards' squared norms are summed over their mesh, so every rank
+    gets the norm of the whole gradient (a collective: all ranks call it)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    plain = [g.float().norm() ** 2 for g in grads if not isinstance(g, DTensor)]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    square = torch.stack(plain).sum() if plain else torch.zeros((), device=module.device)
+    if sharded:
+        mesh = sharded[0].device_mesh
+        if any(not p.is_shard() for g in sharded for p in g.placements):
+            raise NotImplementedError("gradient norm of a replicated DTensor: not used here")
+        local = torch.stack([g.to_local().float().norm() ** 2 for g in sharded]).sum()
+        torch.distributed.all_reduce(local, group=mesh.get_group())
+        square = square + local.to(square.device)
+    return square.sqrt().item()
+
+
+def _any_rank(strategy, flag: bool, device) -> bool:
+    """`flag` of any rank (a max over ranks; the flag itself on one process)."""
+    value = torch.tensor(float(flag), device=device)
+    return bool(strategy.reduce(value, reduce_op="max").item() > 0)

@@ -147,6 +147,26 @@ class EditPolicy(nn.Module, ABC):
     def denoiser(self) -> nn.Module:
         """The network that LoRA adapts (the transformer; never the VAE or text encoder)."""
 
+    def shard_modules(self) -> list[nn.Module]:
+        """The modules that become one FSDP unit each when the policy is sharded (their
+        parameters are gathered together, one unit at a time): the denoiser's transformer
+        blocks. The default finds every `nn.ModuleList` directly under the denoiser whose
+        name ends in "blocks" (`blocks`, diffusers' `transformer_blocks` and
+        `single_transformer_blocks`); a backbone laid out otherwise overrides it."""
+        found = [
+            block
+            for name, child in self.denoiser.named_children()
+            if isinstance(child, nn.ModuleList) and name.endswith("blocks")
+            for block in child
+        ]
+        if not found:
+            raise NotImplementedError(
+                f"{type(self).__name__}.shard_modules: its denoiser "
+                f"({type(self.denoiser).__name__}) has no ModuleList named '*blocks'; "
+                "override shard_modules to name its transformer blocks"
+            )
+        return found
+
     def add_lora(self, settings: LoraSettings) -> None:
         """Freeze the policy and attach a trainable LoRA adapter to the denoiser."""
         self.requires_grad_(False)

@@ -19,12 +19,16 @@ class LoraSettings:
     alpha:           scale numerator (update scaled by alpha / rank)
     target_modules:  module names (suffixes) that get an adapter; the policy's default if empty
     dropout:         LoRA dropout
+    init_from:       an adapter file written by `LoraExporter` to start from (a later stage
+                     continuing a run's adapter, e.g. one trained under FSDP2); its rank,
+                     alpha and targets must be these
     """
 
     rank: int = 16
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=list)
     dropout: float = 0.0
+    init_from: str | None = None
 
 
 # Stages keep their LoraSettings in the checkpoint's hyper-parameters; Lightning and lit_grpo
@@ -58,6 +62,18 @@ def add_lora(module: nn.Module, settings: LoraSettings, default_targets: list[st
         ) from err
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
+    if settings.init_from:
+        stored = lora_file_settings(settings.init_from)
+        mine = (settings.rank, settings.alpha, sorted(config.target_modules))
+        theirs = (stored.rank, stored.alpha, sorted(stored.target_modules))
+        if mine != theirs:
+            raise ValueError(
+                f"lora.init_from {settings.init_from} holds an adapter of rank {theirs[0]}, "
+                f"alpha {theirs[1]}, targets {theirs[2]}; lora asks for rank {mine[0]}, alpha "
+                f"{mine[1]}, targets {mine[2]}: set lora's rank, alpha and target_modules to "
+                "the file's"
+            )
+        load_lora(module, settings.init_from)
 
 
 def has_lora(module: nn.Module) -> bool:
@@ -115,20 +131,32 @@ def merged_state_dict(module: nn.Module) -> dict:
                 p.copy_(original)
 
 
-def load_lora(module: nn.Module, path: str) -> LoraSettings:
-    """Load an adapter written by `lit_grpo.callbacks.LoraExporter` into `module` (the same
-    module it was trained on, e.g. `policy.denoiser`); adds the adapter first if needed."""
+def lora_file_settings(path: str) -> LoraSettings:
+    """The adapter settings a `LoraExporter` file records in its metadata."""
     import json
+    from pathlib import Path
 
-    from peft import set_peft_model_state_dict
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"LoRA adapter file not found: {path}. Pass a lora-step=N.safetensors written by "
+            "LoraExporter (<run>/checkpoints/lora/)"
+        )
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if "lit_grpo.lora" not in meta:
         raise ValueError(f"{path} has no 'lit_grpo.lora' metadata: not a LoraExporter file")
-    settings = LoraSettings(**json.loads(meta["lit_grpo.lora"]))
+    return LoraSettings(**json.loads(meta["lit_grpo.lora"]))
+
+
+def load_lora(module: nn.Module, path: str) -> LoraSettings:
+    """Load an adapter written by `lit_grpo.callbacks.LoraExporter` into `module` (the same
+    module it was trained on, e.g. `policy.denoiser`); adds the adapter first if needed."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    settings = lora_file_settings(path)
     if not has_lora(module):
         add_lora(module, settings)
     result = set_peft_model_state_dict(module, load_file(path))

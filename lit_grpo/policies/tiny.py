@@ -226,6 +226,10 @@ class TinyEditPolicy(EditPolicy):
     def denoiser(self) -> nn.Module:
         return self.transformer
 
+    def shard_modules(self) -> list[nn.Module]:
+        """The transformer blocks, one FSDP unit each (the text encoder stays whole)."""
+        return list(self.transformer.blocks)
+
     def encode_images(self, images: Tensor) -> Tensor:
         self._check_size(images)
         return images * 2 - 1

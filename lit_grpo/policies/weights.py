@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_grpo.checks import ConfigError, read_checkpoint
+from lit_grpo.checks import ConfigError, is_distributed_checkpoint, read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BUILTIN = {"shapeworld-sft": WEIGHTS_DIR / "shapeworld_sft.safetensors"}
@@ -36,6 +36,13 @@ def resolve_weights_path(weights: str) -> Path:
             )
         return path
     path = Path(weights).expanduser()
+    if is_distributed_checkpoint(path):
+        raise IncompatibleWeightsError(
+            f"{path} is a distributed checkpoint (written under ModelParallelStrategy): its "
+            "weights are in shards, not one file. Start from the run's base weights and its "
+            "adapter (model.init_args.lora.init_from: <run>/checkpoints/lora/lora-step=N."
+            "safetensors), or resume the same stage with --ckpt_path"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"policy weights file not found: {path.resolve()}. Pass a .safetensors written by "
@@ -71,6 +78,18 @@ def policy_checkpoint_entry(
         "class": type(policy).__name__,
         "config": getattr(policy, "config", {}),
         "state_dict": policy_state(policy),
+    }
+
+
+def sharded_checkpoint_entry(policy: nn.Module) -> dict:
+    """The `lit_grpo_policy` entry of a distributed (sharded) checkpoint: the policy's class
+    and config, no weights (they are in the checkpoint's shards; gathering them into one
+    copy per save is what sharding avoids). A later stage starts from the base weights and
+    the exported adapter instead (`LoraExporter`, `lora.init_from`)."""
+    return {
+        "class": type(policy).__name__,
+        "config": getattr(policy, "config", {}),
+        "state_dict": None,
     }
 
 
@@ -137,6 +156,11 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
                 "written by a lit_grpo stage"
             )
         state, config, cls = entry["state_dict"], entry["config"], entry["class"]
+        if state is None:
+            raise IncompatibleWeightsError(
+                f"{path} was written under sharding and holds no full copy of the policy; "
+                "start from the base weights and the run's LoRA export (lora.init_from)"
+            )
     return state, config, cls
 
 
