@@ -5,7 +5,7 @@ import torch
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import SpatialFlowGRPOModule
-from lit_grpo.modules.objectives import region_weighted_loss, token_advantages
+from lit_grpo.modules.objectives import kl_to_reference, region_weighted_loss, token_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import RegionReward, Scorer, TranslationReward
@@ -92,3 +92,35 @@ def test_one_spatialflow_step_trains_the_lora_from_token_advantages():
     assert targets.tokens[row, tok].item() == pytest.approx(
         expected[row].clamp(-5, 5).item(), rel=1e-4
     )
+
+
+def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
+    torch.manual_seed(0)
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    for p in policy.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    kwargs = dict(lora=LoraSettings(rank=4, alpha=4), group_size=4, sample_steps=4, eval_steps=2)
+    module = SpatialFlowGRPOModule(
+        policy, [RegionReward([TranslationReward()])], kl_beta=0.5, **kwargs
+    )
+    for name, p in module.policy.named_parameters():  # move the adapter off the reference
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1.0)
+    data = ShapeWorld("train", 2, 16, ("translate",), objects=(2, 3))
+    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
+    record = module.sample(batch, torch.Generator().manual_seed(0))
+    _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
+    rows = torch.arange(len(record))
+    with_kl, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    module.updater.kl_beta = 0.0
+    without, _ = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    with torch.no_grad():
+        step = module.sampler.rescore(module.policy, record, rows, 0)
+        with module.policy.reference():
+            ref = module.sampler.rescore(module.policy, record, rows, 0)
+    kl = kl_to_reference(step.mean, ref.mean, step.diffusion)
+    kl = (kl * targets.valid.float()).sum() / targets.denominator
+    assert kl > 0
+    assert stats["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    # float32 sums: the difference of two losses carries their rounding, hence rel 1e-3
+    assert (with_kl - without).item() == pytest.approx(0.5 * kl.item(), rel=1e-3)

@@ -15,7 +15,9 @@ model (SFReward); ours from the segmenter's masks (exact on ShapeWorld). The pap
 does not say what tokens outside every region get (ours: the regions partition the image)
 nor how region weights are set (ours: a config list, equal by default). A row takes part in
 the update when its total reward is finite and at least one of its regions has spread in its
-group; a region with no spread in a group gets advantage 0 there.
+group; a region with no spread in a group gets advantage 0 there. `kl_beta` > 0 adds
+Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the whole image, per
+sample as in `GRPOModule`; the paper summary names no KL term, so this is ours.
 """
 
 import torch
@@ -59,7 +61,8 @@ class SpatialFlowUpdate(ClippedUpdate):
             "clip_fraction": s.clip_fraction,
             "ratio": s.ratio_mean,
         }
-        return loss, stats
+        # the KL to the SFT reference over the whole image, as in Flow-GRPO (not per region)
+        return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
 
 
 class SpatialFlowGRPOModule(GRPOModule):
@@ -88,8 +91,6 @@ class SpatialFlowGRPOModule(GRPOModule):
             hp.max_grad_norm,
             region_weights=region_weights,
         )
-        if hp.kl_beta > 0:
-            raise ValueError("SpatialFlowGRPOModule does not implement the KL term; set kl_beta 0")
         self.region_reward = region_reward
 
     def advantages(self, scores: Scores, record: RolloutRecord) -> tuple[Advantages, PolicyTargets]:

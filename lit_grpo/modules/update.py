@@ -177,14 +177,20 @@ class ClippedUpdate:
             "clip_fraction": s.clip_fraction,
             "ratio": s.ratio_mean,
         }
-        if self.kl_beta > 0:
-            with torch.no_grad(), module.policy.reference():
-                ref = sampler.rescore(module.policy, record, rows, k)
-            kl = kl_to_reference(step.mean, ref.mean, step.diffusion)  # [n]
-            kl = (kl * weights).sum() / targets.denominator
-            loss = loss + self.kl_beta * kl
-            stats["loss"] = loss.detach()
-            stats["kl"] = kl.detach()
+        return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
+
+    def add_kl(self, module, sampler, record, targets, rows, k, step, loss, stats):
+        """`loss` plus beta x the KL of stored step k's means to the reference's (the
+        adapter-off view), per sample, over the valid rows, on the loss's denominator."""
+        if self.kl_beta <= 0:
+            return loss, stats
+        with torch.no_grad(), module.policy.reference():
+            ref = sampler.rescore(module.policy, record, rows, k)
+        kl = kl_to_reference(step.mean, ref.mean, step.diffusion)  # [n]
+        kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
+        loss = loss + self.kl_beta * kl
+        stats["loss"] = loss.detach()
+        stats["kl"] = kl.detach()
         return loss, stats
 
 
