@@ -19,6 +19,12 @@ One training step reads top to bottom (manual optimisation; the loop is `trainin
    with a non-finite loss or gradient is skipped, and too many such iterations in a row
    stop the run.
 
+Nothing from sampling to the end of the update reads a value back from the device (see
+`lit_grpo.sampling.rollout`, `lit_grpo.modules.update`): the statistics stay tensors until
+`_log_step` logs them, the one place a step waits for its GPU work. `micro_batch_size`
+bounds the rows one forward pass sees in sampling and in the update; activation
+checkpointing and bf16 are the policy's and the Trainer's (`precision: bf16-mixed`).
+
 `trainer.global_step` (and so `max_steps`) counts GRPO iterations: it advances by exactly
 one per training batch, whether the batch stepped the optimiser minibatches x inner_epochs
 times or, all its groups skipped, not at all (see `_count_iteration`).
@@ -33,7 +39,6 @@ synchronously (no thread pool: CPU-sized), and the condition encoders are frozen
 denoiser trains), so the encoding of step 1 is reused by the update.
 """
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,6 +54,7 @@ from lit_grpo.modules.objectives import (
     gathered_group_advantages,
     group_advantages,
 )
+from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
@@ -91,6 +97,9 @@ class GRPOModule(PolicyStage):
         grid_size: validation edits in the logged image grid.
         metrics: the edit metrics for validation and test (`EditMetrics()`, the spatial
             ones and background L1, by default; add LPIPS / CLIP there).
+        micro_batch_size: the most rollouts one forward (and backward) pass of the policy
+            sees, in sampling and in the update (None: all of them at once). Memory scales
+            with it; rollouts and gradients do not change.
     """
 
     full_finetune = "denoiser"
@@ -122,6 +131,7 @@ class GRPOModule(PolicyStage):
         eval_steps: int = 10,
         grid_size: int = 4,
         metrics: EditMetrics | None = None,
+        micro_batch_size: int | None = None,
     ):
         if not rewards:
             raise ValueError("GRPO needs at least one reward")
@@ -148,10 +158,14 @@ class GRPOModule(PolicyStage):
             ignore=["policy", "rewards", "segmenter", "strategy", "noise", "metrics"]
         )
         self.automatic_optimization = False
-        self.sampler = RolloutSampler(sample_steps, sample_shift, noise_level, noise)
+        self.sampler = RolloutSampler(
+            sample_steps, sample_shift, noise_level, noise, micro_batch_size
+        )
         self.scorer = Scorer(rewards, segmenter)
         self.strategy = strategy or FullTrajectory()
-        self.updater = ClippedUpdate(clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm)
+        self.updater = ClippedUpdate(
+            clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm, micro_batch_size
+        )
         self.iteration = 0  # GRPO iterations (rollout batches), whether or not they step
         self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
         self.phase = "idle"
@@ -231,11 +245,12 @@ class GRPOModule(PolicyStage):
         """Every rank's `tensor` stacked ([world, ...]); the tensor itself outside a Trainer."""
         return self.all_gather(tensor) if self._trainer is not None else tensor
 
-    def loss_denominator(self, adv: Advantages) -> float:
-        """Valid rows of all ranks per minibatch and rank: DDP's gradient average then equals
-        the single-process mean (exact with one minibatch)."""
+    def loss_denominator(self, adv: Advantages) -> Tensor:
+        """Valid rows of all ranks per minibatch and rank (at least 1; a 0-d tensor, not read
+        back): DDP's gradient average then equals the single-process mean (exact with one
+        minibatch)."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        return max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
+        return (adv.valid.sum() / (world * self.hparams.minibatches)).clamp_min(1.0)
 
     def normalise(self, rewards: Tensor, group_size: int) -> Advantages:
         """Per-group advantages of the gathered rewards [B * G] (GRPO's z-score here)."""
@@ -245,27 +260,18 @@ class GRPOModule(PolicyStage):
 
     # --- the loop -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        timings = {}
-        with self._phase("sampling", timings):
+        clock = PhaseClock(self.device)
+        with self._phase("sampling", clock):
             record = self.sample(batch)
-        with self._phase("rewards", timings):
+        with self._phase("rewards", clock):
             scores = self.score(record, batch)
-        adv, targets = self.advantages(scores, record)
-        skipped = not bool(adv.valid.any())  # identical on every rank: computed on gathered data
-        log = self._step_log(scores, adv, skipped)
-        timings["time/update"] = 0.0
-        log.update({"train/optimizer_steps": 0.0, "train/nonfinite_skipped": 0.0})
-        if not skipped:
-            with self._phase("update", timings):
-                stats = self.updater(self, self.sampler, record, targets, self.generator)
-            log.update({f"train/{k}": v for k, v in stats.items()})
-        log.update(timings)
-        n_cond = batch["source"].shape[0]
-        self.log_dict(log, batch_size=n_cond)
-        self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
+            adv, targets = self.advantages(scores, record)
+        # no host-side skip: an iteration with nothing to train runs its update with every
+        # row masked, and the optimiser skips its steps on the device (modules/update.py)
+        with self._phase("update", clock):
+            stats = self.updater(self, self.sampler, record, targets, self.generator)
         self._set_phase("idle")
-        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
-            self._check_nonfinite(stats["nonfinite_skipped"] > 0)
+        self._log_step(batch, scores, adv, stats, clock)
         self.iteration += 1
         self._count_iteration()
         # for callbacks (lit_grpo.callbacks.RolloutImageLogger); Lightning detaches nothing here
@@ -277,6 +283,25 @@ class GRPOModule(PolicyStage):
                 "instruction": list(batch["instruction"]),
             }
         }
+
+    def samples_per_step(self, batch: dict) -> int:
+        """Images one training step samples on this device (B x G): what
+        `lit_grpo.callbacks.ThroughputMonitor` counts."""
+        return batch["source"].shape[0] * self.hparams.group_size
+
+    def _log_step(
+        self, batch: dict, scores: Scores, adv: Advantages, stats: dict, clock: PhaseClock
+    ) -> None:
+        """Log the step: the one place that reads its values back from the device."""
+        log = self._step_log(scores, adv)
+        log.update({f"train/{k}": v for k, v in stats.items()})
+        log.update({f"time/{k}": v for k, v in clock.seconds().items()})
+        n_cond = batch["source"].shape[0]
+        self.log_dict(log, batch_size=n_cond)
+        self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
+        skipped, nonfinite = torch.stack([log["train/skipped"], stats["nonfinite_skipped"]])
+        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
+            self._check_nonfinite(bool(nonfinite > 0))
 
     def _count_iteration(self) -> None:
         """Advance `trainer.global_step` by one: it counts GRPO iterations.
@@ -310,36 +335,40 @@ class GRPOModule(PolicyStage):
                 "checkpoint."
             )
 
-    def _step_log(self, scores: Scores, adv: Advantages, skipped: bool) -> dict[str, float]:
+    def _step_log(self, scores: Scores, adv: Advantages) -> dict[str, Tensor]:
+        """The step's statistics as 0-d tensors (masked reductions, no boolean indexing)."""
         total = scores.total
+        valid = adv.valid.float()
+        values = adv.values.float()
+        n_valid = valid.sum()
+        adv_mean = (values * valid).sum() / n_valid.clamp_min(1)
+        adv_var = (((values - adv_mean) * valid) ** 2).sum() / (n_valid - 1).clamp_min(1)
         log = {f"reward/{k}": _nanmean(v) for k, v in scores.parts.items()}
         log.update({f"reward_std/{k}": _nanstd(v) for k, v in scores.parts.items()})
         log.update(
             {
                 "reward/total": _nanmean(total),
                 "reward_std/total": _nanstd(total),
-                "adv/mean": adv.values[adv.valid].mean().item() if adv.valid.any() else 0.0,
-                "adv/std": adv.values[adv.valid].std().item() if adv.valid.sum() > 1 else 0.0,
-                "adv/abs_max": adv.values.abs().max().item(),
-                "groups/zero_spread_fraction": adv.zero_spread.float().mean().item(),
-                "groups/dropped_samples": (~torch.isfinite(total)).sum().item(),
-                "train/skipped": float(skipped),
+                "adv/mean": adv_mean,
+                "adv/std": torch.where(n_valid > 1, adv_var.sqrt(), 0.0),
+                "adv/abs_max": values.abs().max(),
+                "groups/zero_spread_fraction": adv.zero_spread.float().mean(),
+                "groups/dropped_samples": (~torch.isfinite(total)).sum().float(),
+                "train/skipped": (~adv.valid.any()).float(),
             }
         )
         return log
 
     @contextmanager
-    def _phase(self, phase: str, timings: dict[str, float]) -> Iterator[None]:
+    def _phase(self, phase: str, clock: PhaseClock) -> Iterator[None]:
         self._set_phase(phase)
-        start = time.perf_counter()
+        clock.start(phase)
         yield
-        timings[f"time/{phase}"] = time.perf_counter() - start
+        clock.stop(phase)
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
-        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
-        if bar is not None and hasattr(bar, "set_phase"):
-            bar.set_phase(phase)
+        announce_phase(self._trainer, phase)
 
     # --- the early-exit protocol (lit_grpo.callbacks.EarlyExitSelector) -----------------------
     @torch.no_grad()
@@ -404,7 +433,12 @@ class GRPOModule(PolicyStage):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for all parameters, and it can skip a step on the device (the
+        # update's degenerate minibatches) without reading a flag back to the host
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        opt = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused
+        )
         warmup = max(self.hparams.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         return [opt], [sched]
@@ -422,11 +456,18 @@ class GRPOModule(PolicyStage):
             self.generator.set_state(checkpoint["grpo_generator"])
 
 
-def _nanmean(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return x.mean().item() if x.numel() else float("nan")
+def _nanmean(x: Tensor) -> Tensor:
+    """Mean of the finite values (NaN if none), as tensor ops."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, 0.0).sum() / finite.sum()
 
 
-def _nanstd(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return x.std().item() if x.numel() > 1 else 0.0
+def _nanstd(x: Tensor) -> Tensor:
+    """Unbiased std of the finite values (0 with fewer than two), as tensor ops."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    n = finite.sum()
+    mean = torch.where(finite, x, 0.0).sum() / n.clamp_min(1)
+    var = (torch.where(finite, x - mean, 0.0) ** 2).sum() / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), 0.0)

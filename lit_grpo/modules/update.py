@@ -8,10 +8,22 @@ overrides (per-token advantages and weights instead of per-rollout ones); two sm
 sit inside it: `reduce` (per-element log-probs -> per sample: RC-GRPO's region mean) and
 `epoch_rows` (the rows an inner epoch visits: Neighbor GRPO's anchors).
 
-Degenerate minibatches never step: one whose rows are all masked (non-finite rewards,
-zero-spread groups; on every rank) is skipped before its forward pass, since AdamW would
-still move the weights on its zero gradient (momentum, weight decay); one whose loss or
-gradient norm is not finite is zeroed and skipped, and counted (`nonfinite_skipped`).
+Memory: with `micro_batch_size` a minibatch's forward and backward passes run on at most
+that many rows at a time and the gradients accumulate. Every loss here is a sum over rows
+divided by a denominator fixed before the update (`PolicyTargets.denominator`), so the
+micro-batches' losses add up to the minibatch's loss and the accumulated gradient is the
+full-batch one, with no rescaling.
+
+No host syncs: nothing inside the update reads a value back from the device. Degenerate
+minibatches are decided on the device and never step: one whose rows are all masked
+(non-finite rewards, zero-spread groups; on every rank), since AdamW would still move the
+weights on its zero gradient (momentum, weight decay), and one whose loss or gradient norm
+is not finite (counted, `nonfinite_skipped`). The skip is the fused AdamW's own (the
+`found_inf` flag the kernel honours, as under a `GradScaler`), so such a minibatch still
+runs its forward and backward passes (with weights 0) and the LR schedule still steps:
+deciding on the host would drain the GPU's queue once per minibatch. An optimiser without
+device-side skipping falls back to reading the flag on the host. The statistics come back
+as device tensors, read when they are logged.
 
 The optimiser steps through `strategy.optimizer_step` (what `LightningOptimizer.step` runs,
 precision plugin included) rather than `opt.step()`, so that Lightning's step counter does
@@ -22,7 +34,6 @@ Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`, `clip_gr
 `block_backward_sync`) come from the module passed in; the update holds only its settings.
 """
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -31,6 +42,7 @@ import torch
 from torch import Tensor
 
 from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
+from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 from lit_grpo.sampling.sde import reduce_log_prob
 
@@ -44,9 +56,14 @@ class PolicyTargets:
 
     advantages: Tensor
     valid: Tensor
-    denominator: float
+    denominator: Tensor | float
     tokens: Tensor | None = None
     cover: Tensor | None = None
+
+
+# statistics that are sums over rows divided by the fixed denominator: they add up over
+# micro-batches; the others are means over rows, combined weighted by valid rows
+ADDITIVE_STATS = ("loss", "kl")
 
 
 class ClippedUpdate:
@@ -57,6 +74,8 @@ class ClippedUpdate:
         kl_beta: weight of the KL to the reference, on Flow-GRPO's scale (see `kl_to_reference`).
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         max_grad_norm: gradient clipping (L2 norm).
+        micro_batch_size: the most rows one forward and backward pass sees (None: the whole
+            minibatch); the gradient is the same, the activation memory scales with it.
     """
 
     def __init__(
@@ -66,14 +85,18 @@ class ClippedUpdate:
         inner_epochs: int = 1,
         minibatches: int = 1,
         max_grad_norm: float = 1.0,
+        micro_batch_size: int | None = None,
     ):
         if inner_epochs < 1 or minibatches < 1:
             raise ValueError(
                 f"inner_epochs and minibatches must be >= 1, got {inner_epochs}, {minibatches}"
             )
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
         self.clip_range, self.kl_beta = clip_range, kl_beta
         self.inner_epochs, self.minibatches = inner_epochs, minibatches
         self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
 
     def __call__(
         self,
@@ -82,57 +105,79 @@ class ClippedUpdate:
         record: RolloutRecord,
         targets: PolicyTargets,
         generator: torch.Generator | None = None,
-    ) -> dict[str, float]:
-        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG)."""
+    ) -> dict[str, Tensor]:
+        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG).
+        Returns the statistics as 0-d device tensors (read them when logging)."""
         opt, sched = module.optimizers(), module.lr_schedulers()
-        num_steps = record.num_trained_steps
-        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
-        count, norms, nonfinite, empty = 0, [], 0, 0
         strategy = module.trainer.strategy
-        sync_block = getattr(strategy, "block_backward_sync", nullcontext)
+        zero = torch.zeros((), device=module.device)
+        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), zero)
+        count, norms, taken, nonfinite, empty = zero, zero, zero, zero, zero
         for _ in range(self.inner_epochs):
             rows = self.epoch_rows(record, targets, module.device, generator)
             chunks = rows.chunk(self.minibatches)
-            # valid rows per minibatch summed over ranks (all ranks must skip together, or
-            # DDP's all-reduce hangs): one host sync per pass, none per step
-            live = torch.stack([targets.valid[rows].sum() for rows in chunks])
-            live = strategy.reduce(live.float(), reduce_op="sum").tolist()
-            for rows, n_live in zip(chunks, live):
-                if n_live == 0:
-                    empty += 1
-                    continue
+            # valid rows per minibatch summed over ranks (a collective, not a host read): all
+            # ranks skip the same minibatches, or DDP's next all-reduce would hang
+            live = torch.stack([targets.valid[rows].sum() for rows in chunks]).float()
+            live = strategy.reduce(live, reduce_op="sum") > 0
+            for rows, has_rows in zip(chunks, live):
                 opt.zero_grad(set_to_none=True)
-                finite = True
-                for k in range(num_steps):
-                    # all-reduce the gradients once per minibatch, on its last step
-                    with sync_block() if k < num_steps - 1 else nullcontext():
-                        loss, stats = self.step_loss(module, sampler, record, targets, rows, k)
-                        module.manual_backward(loss / num_steps)
-                    values = {key: v.item() for key, v in stats.items()}  # not in a graph
-                    for key, value in values.items():
-                        totals[key] += value
-                    finite = finite and math.isfinite(values["loss"])
-                    count += 1
+                stats, finite = self.minibatch_backward(module, sampler, record, targets, rows)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, zero) + torch.where(has_rows, value, 0.0)
+                count = count + has_rows * record.num_trained_steps
                 # the norm is taken after the all-reduce (the same on every rank); a non-finite
                 # loss makes a non-finite gradient, so the ranks skip together
                 norm = _grad_norm(module)
-                if not (finite and math.isfinite(norm)):
-                    opt.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    continue
-                norms.append(norm)
+                finite = finite & torch.isfinite(norm)
+                step = has_rows & finite
                 module.clip_gradients(
                     opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
                 )
                 with module.trainer.profiler.profile("optimizer_step"):
-                    strategy.optimizer_step(opt.optimizer, closure=_no_closure)
+                    _step_where(strategy, opt, step)
                 sched.step()
-        out = {k: v / max(count, 1) for k, v in totals.items()}
-        out["grad_norm"] = sum(norms) / max(len(norms), 1)
-        out["optimizer_steps"] = float(len(norms))
-        out["nonfinite_skipped"] = float(nonfinite)
-        out["empty_minibatches"] = float(empty)
+                norms = norms + torch.where(step, norm, 0.0)
+                taken = taken + step
+                nonfinite = nonfinite + (has_rows & ~finite)
+                empty = empty + ~has_rows
+        out = {k: v / count.clamp_min(1) for k, v in totals.items()}
+        out["grad_norm"] = norms / taken.clamp_min(1)
+        out["optimizer_steps"] = taken.float()
+        out["nonfinite_skipped"] = nonfinite.float()
+        out["empty_minibatches"] = empty.float()
         return out
+
+    def minibatch_backward(
+        self,
+        module: L.LightningModule,
+        sampler: RolloutSampler,
+        record: RolloutRecord,
+        targets: PolicyTargets,
+        rows: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Backpropagate the loss of `rows` for every trained step, `micro_batch_size` rows
+        per pass. Returns the statistics summed over the trained steps (device tensors) and
+        whether every loss was finite (a 0-d bool tensor)."""
+        num_steps = record.num_trained_steps
+        micro = rows.split(self.micro_batch_size or max(rows.numel(), 1))
+        passes = [(part, k) for part in micro for k in range(num_steps)]
+        sync_block = getattr(module.trainer.strategy, "block_backward_sync", nullcontext)
+        valid = targets.valid.float()
+        share_of = valid[rows].sum().clamp_min(1)
+        totals: dict[str, Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=rows.device)
+        for i, (part, k) in enumerate(passes):
+            # all-reduce the gradients once per minibatch, on its last backward pass
+            with sync_block() if i < len(passes) - 1 else nullcontext():
+                loss, stats = self.step_loss(module, sampler, record, targets, part, k)
+                module.manual_backward(loss / num_steps)
+            share = valid[part].sum() / share_of  # mean statistics: weighted by valid rows
+            for key, value in stats.items():  # detached: not in a graph
+                value = value if key in ADDITIVE_STATS else value * share
+                totals[key] = totals.get(key, 0.0) + value
+            finite = finite & torch.isfinite(stats["loss"])
+        return totals, finite
 
     def epoch_rows(
         self,
@@ -145,7 +190,7 @@ class ClippedUpdate:
         split in minibatches)."""
         n = len(record)
         if self.minibatches > 1:
-            return torch.randperm(n, generator=generator).to(device)
+            return host_to_device(torch.randperm(n, generator=generator), device)
         return torch.arange(n, device=device)
 
     def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:
@@ -191,6 +236,23 @@ def _no_closure() -> None:
     """The closure `strategy.optimizer_step` wants: the backward passes already ran."""
 
 
-def _grad_norm(module: L.LightningModule) -> float:
+def _step_where(strategy, opt, step: Tensor) -> None:
+    """Step the optimiser where the 0-d bool `step` is True, deciding on the device: the
+    fused Adam(W) kernels skip a step, their step counter included, when the optimiser's
+    `found_inf` is set (the flag `torch.amp.GradScaler` hands them). Any other optimiser
+    reads `step` on the host (one sync per optimiser step)."""
+    raw = opt.optimizer
+    if getattr(raw, "_step_supports_amp_scaling", False):
+        raw.found_inf = (~step).float()
+        try:
+            strategy.optimizer_step(raw, closure=_no_closure)
+        finally:
+            del raw.found_inf
+    elif bool(step):
+        strategy.optimizer_step(raw, closure=_no_closure)
+
+
+def _grad_norm(module: L.LightningModule) -> Tensor:
+    """The L2 norm of every gradient, a 0-d device tensor."""
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else 0.0
+    return torch.stack(grads).norm() if grads else torch.zeros((), device=module.device)

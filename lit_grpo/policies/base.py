@@ -137,6 +137,46 @@ class EditPolicy(nn.Module, ABC):
     def denoiser(self) -> nn.Module:
         """The network that LoRA adapts (the transformer; never the VAE or text encoder)."""
 
+    def shard_modules(self) -> list[nn.Module]:
+        """The modules that become one FSDP unit each when the policy is sharded (their
+        parameters are gathered together, one unit at a time): the denoiser's transformer
+        blocks. The default finds every `nn.ModuleList` directly under the denoiser whose
+        name ends in "blocks" (`blocks`, diffusers' `transformer_blocks` and
+        `single_transformer_blocks`); a backbone laid out otherwise overrides it."""
+        found = [
+            block
+            for name, child in self.denoiser.named_children()
+            if isinstance(child, nn.ModuleList) and name.endswith("blocks")
+            for block in child
+        ]
+        if not found:
+            raise NotImplementedError(
+                f"{type(self).__name__}.shard_modules: its denoiser "
+                f"({type(self.denoiser).__name__}) has no ModuleList named '*blocks'; "
+                "override shard_modules to name its transformer blocks"
+            )
+        return found
+
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Activation checkpointing of the denoiser's blocks (`shard_modules`): with grad
+        enabled, each block keeps only its inputs and recomputes its activations in the
+        backward pass (`torch.utils.checkpoint`, non-reentrant); without grad (sampling)
+        blocks run as they are. Memory of a training forward drops to about one block's
+        activations, at the cost of a second forward of every block in the backward pass.
+        The blocks' `forward` is replaced on the instance, so parameter names, state dicts,
+        LoRA and FSDP units stay as they are."""
+        for block in self.shard_modules():
+            wrapped = _is_checkpointed(block)
+            if enabled and not wrapped:
+                block.forward = partial(_checkpointed, block, type(block).forward)
+            elif not enabled and wrapped:
+                del block.forward
+
+    @property
+    def checkpointing_activations(self) -> bool:
+        """Whether the blocks recompute their activations (`checkpoint_activations`)."""
+        return any(_is_checkpointed(block) for block in self.shard_modules())
+
     def add_lora(self, settings: LoraSettings) -> None:
         """Freeze the policy and attach a trainable LoRA adapter to the denoiser."""
         self.requires_grad_(False)
@@ -182,3 +222,18 @@ class EditPolicy(nn.Module, ABC):
         cond = self.encode_condition(source, instructions)
         noise = randn_like(self.encode_images(source), generator)
         return self.decode(sample_ode(self.velocity_fn(cond), noise, steps, shift))
+
+
+def _is_checkpointed(block: nn.Module) -> bool:
+    forward = vars(block).get("forward")
+    return isinstance(forward, partial) and forward.func is _checkpointed
+
+
+def _checkpointed(block: nn.Module, forward, *args, **kwargs):
+    """`forward(block, ...)` under `torch.utils.checkpoint` when a backward pass will need
+    its activations (grad enabled), plainly otherwise."""
+    if not torch.is_grad_enabled():
+        return forward(block, *args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
