@@ -312,3 +312,26 @@ def test_throughput_monitor_without_the_phase_protocol():
     assert monitor.flops == {"step": 2 * (2 * 3 * 8 * 8)}
     m = trainer.callback_metrics
     assert m["throughput/images_per_sec"].item() > 0 and "throughput/mfu" not in m
+
+
+@pytest.mark.gpu
+def test_no_cuda_sync_inside_a_step_under_sync_debug_mode():
+    """On a GPU, the real check: CUDA's own sync detector raises on any synchronising call
+    while a phase runs (`set_sync_debug_mode("error")` from each phase to "idle")."""
+
+    class SyncDebug(L.Callback):
+        phases = 0
+
+        def set_phase(self, phase):
+            torch.cuda.set_sync_debug_mode(0 if phase == "idle" else "error")
+            self.phases += phase != "idle"
+
+        def on_exception(self, trainer, pl_module, exception):
+            torch.cuda.set_sync_debug_mode(0)
+
+    module = make_module(
+        [Brightness()], segmenter=EverywhereSegmenter(), micro_batch_size=3, minibatches=2
+    )
+    debug = SyncDebug()
+    fit(module, steps=2, callbacks=[debug], accelerator="cuda", devices=1, precision="bf16-mixed")
+    assert debug.phases == 6

@@ -30,8 +30,11 @@ precision plugin included) rather than `opt.step()`, so that Lightning's step co
 not advance here: `trainer.global_step` counts GRPO iterations (`GRPOModule` advances it
 once per training batch). The LR scheduler steps with every optimiser step.
 
-Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`, `clip_gradients`,
+Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`,
 `block_backward_sync`) come from the module passed in; the update holds only its settings.
+Gradients are clipped with `torch.nn.utils.clip_grads_with_norm_` and the norm the skip
+decision already took (Lightning's `clip_gradients` refuses a fused optimiser under mixed
+precision); fp16 with loss scaling is refused (bf16 and fp32 are what the update supports).
 """
 
 from contextlib import nullcontext
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.utils import clip_grads_with_norm_
 
 from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
 from lit_grpo.sampling.flow import host_to_device
@@ -110,6 +114,11 @@ class ClippedUpdate:
         Returns the statistics as 0-d device tensors (read them when logging)."""
         opt, sched = module.optimizers(), module.lr_schedulers()
         strategy = module.trainer.strategy
+        if getattr(strategy.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "the GRPO update does not support fp16 loss scaling (trainer.precision "
+                f"{module.trainer.precision!r}); use precision bf16-mixed, bf16-true or 32"
+            )
         zero = torch.zeros((), device=module.device)
         totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), zero)
         count, norms, taken, nonfinite, empty = zero, zero, zero, zero, zero
@@ -131,8 +140,12 @@ class ClippedUpdate:
                 norm = _grad_norm(module)
                 finite = finite & torch.isfinite(norm)
                 step = has_rows & finite
-                module.clip_gradients(
-                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                # clipped with the norm just taken (Lightning's `clip_gradients` refuses a
+                # fused optimiser under mixed precision, for fp16's loss scaling)
+                clip_grads_with_norm_(
+                    [p for p in module.parameters() if p.grad is not None],
+                    self.max_grad_norm,
+                    norm,
                 )
                 with module.trainer.profiler.profile("optimizer_step"):
                     _step_where(strategy, opt, step)
