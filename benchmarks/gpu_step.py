@@ -392,7 +392,7 @@ def parse(argv=None):
     p.add_argument("--resolution", type=int, default=1024, help="image side, px")
     p.add_argument("--group-size", type=int, default=16, help="G rollouts per condition")
     p.add_argument("--conditions", type=int, default=1, help="conditions per step (B)")
-    p.add_argument("--micro-batch", type=int, default=4, help="rows per forward (0: all)")
+    p.add_argument("--micro-batch", type=int, default=2, help="rows per forward (0: all)")
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="double-stream blocks")
     p.add_argument("--single-layers", type=int, default=8, help="single-stream blocks")

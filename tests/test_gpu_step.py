@@ -80,7 +80,7 @@ def test_the_policy_packs_and_unpacks_tokens_exactly():
 @pytest.mark.gpu
 def test_the_1024px_group_of_16_runs_on_the_gpu(capsys):
     bench = load_benchmark()
-    row = bench.main([])  # the defaults: 1024 px, G = 16, micro-batches of 4, ~1.1B params
+    row = bench.main([])  # the defaults: 1024 px, G = 16, micro-batches of 2, ~1.1B params
     printed = parse_table(capsys.readouterr().out)
     check_row(bench, row, printed)
     total = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -56,6 +56,7 @@ from lit_grpo.modules.objectives import (
 )
 from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.stage import PolicyStage
+from lit_grpo.modules.statistics import nanmean, step_statistics
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
@@ -88,9 +89,10 @@ class GRPOModule(PolicyStage):
         adv_std: "global" (Flow-GRPO) or "group" advantage normalisation; adv_clamp: +- clamp.
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warm-up, clipping.
-            The LR schedule steps with the optimiser, so warmup_steps counts optimiser
-            steps (minibatches x inner_epochs per iteration), not iterations: iterations
-            that train nothing do not use up the warm-up.
+            The LR schedule steps with every optimiser step the update attempts
+            (minibatches x inner_epochs per iteration), so warmup_steps counts those, not
+            iterations; a step skipped on the device (nothing valid, non-finite) still
+            advances it (deciding on the host would stall the GPU at every minibatch).
         max_nonfinite_in_a_row: stop with an error after this many consecutive iterations
             whose loss or gradient was not finite (their steps are skipped, not taken).
         eval_steps: ODE steps for validation edits.
@@ -293,7 +295,7 @@ class GRPOModule(PolicyStage):
         self, batch: dict, scores: Scores, adv: Advantages, stats: dict, clock: PhaseClock
     ) -> None:
         """Log the step: the one place that reads its values back from the device."""
-        log = self._step_log(scores, adv)
+        log = step_statistics(scores, adv)
         log.update({f"train/{k}": v for k, v in stats.items()})
         log.update({f"time/{k}": v for k, v in clock.seconds().items()})
         n_cond = batch["source"].shape[0]
@@ -334,30 +336,6 @@ class GRPOModule(PolicyStage):
                 "(train/nonfinite_skipped, groups/dropped_samples), or resume from the last "
                 "checkpoint."
             )
-
-    def _step_log(self, scores: Scores, adv: Advantages) -> dict[str, Tensor]:
-        """The step's statistics as 0-d tensors (masked reductions, no boolean indexing)."""
-        total = scores.total
-        valid = adv.valid.float()
-        values = adv.values.float()
-        n_valid = valid.sum()
-        adv_mean = (values * valid).sum() / n_valid.clamp_min(1)
-        adv_var = (((values - adv_mean) * valid) ** 2).sum() / (n_valid - 1).clamp_min(1)
-        log = {f"reward/{k}": _nanmean(v) for k, v in scores.parts.items()}
-        log.update({f"reward_std/{k}": _nanstd(v) for k, v in scores.parts.items()})
-        log.update(
-            {
-                "reward/total": _nanmean(total),
-                "reward_std/total": _nanstd(total),
-                "adv/mean": adv_mean,
-                "adv/std": torch.where(n_valid > 1, adv_var.sqrt(), 0.0),
-                "adv/abs_max": values.abs().max(),
-                "groups/zero_spread_fraction": adv.zero_spread.float().mean(),
-                "groups/dropped_samples": (~torch.isfinite(total)).sum().float(),
-                "train/skipped": (~adv.valid.any()).float(),
-            }
-        )
-        return log
 
     @contextmanager
     def _phase(self, phase: str, clock: PhaseClock) -> Iterator[None]:
@@ -405,10 +383,10 @@ class GRPOModule(PolicyStage):
         scores = self.scorer.judge(inputs)
         n = batch["source"].shape[0]
         self.log(
-            f"{stage}/reward", _nanmean(scores.total), batch_size=n, sync_dist=True, prog_bar=True
+            f"{stage}/reward", nanmean(scores.total), batch_size=n, sync_dist=True, prog_bar=True
         )
         for key, value in scores.parts.items():
-            self.log(f"{stage}/{key}", _nanmean(value), batch_size=n, sync_dist=True)
+            self.log(f"{stage}/{key}", nanmean(value), batch_size=n, sync_dist=True)
         return edits
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -454,20 +432,3 @@ class GRPOModule(PolicyStage):
         self.nonfinite_in_a_row = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
         if checkpoint.get("grpo_generator") is not None:  # older checkpoints: a fresh seed
             self.generator.set_state(checkpoint["grpo_generator"])
-
-
-def _nanmean(x: Tensor) -> Tensor:
-    """Mean of the finite values (NaN if none), as tensor ops."""
-    x = x.float()
-    finite = torch.isfinite(x)
-    return torch.where(finite, x, 0.0).sum() / finite.sum()
-
-
-def _nanstd(x: Tensor) -> Tensor:
-    """Unbiased std of the finite values (0 with fewer than two), as tensor ops."""
-    x = x.float()
-    finite = torch.isfinite(x)
-    n = finite.sum()
-    mean = torch.where(finite, x, 0.0).sum() / n.clamp_min(1)
-    var = (torch.where(finite, x - mean, 0.0) ** 2).sum() / (n - 1).clamp_min(1)
-    return torch.where(n > 1, var.sqrt(), 0.0)
