@@ -346,7 +346,12 @@ def test_gradient_checkpointing_is_the_policys_one_activation_checkpointing_swit
         shape = (2, *policy.latent_shape((SIZE, SIZE)))
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+
+        def pack(t, saved=saved):
+            saved.append(1)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = policy.velocity(x, torch.tensor([0.3, 0.6]), cond).pow(2).mean()
         params = [p for p in policy.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)  # Qwen: dead LoRA weights
