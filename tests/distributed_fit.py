@@ -8,8 +8,9 @@ the gathered advantages, this rank's advantages, the conditions it trained on an
 at the end the LoRA weights, gathered whole under FSDP2, the global step, the optimiser's
 step counts):
 
-- `compare`: 2 iterations with `ConditionNoise` in float32, to hold against one process
-  (`--scenarios compare --strategy single --batch-size 4`);
+- `compare`: 2 iterations with `ConditionNoise` in float32, gradients clipped at `CLIP`
+  (below some steps' norms), to hold against one process (`--scenarios compare --strategy
+  single --batch-size 4`); it also records each step's gradient norm after clipping;
 - `whole`: 3 iterations with the module's own (per-rank) noise, a checkpoint every step;
 - `resumed`: the same run resumed from `whole`'s step-1 checkpoint.
 
@@ -32,11 +33,13 @@ from lit_grpo.callbacks import LoraExporter, ModelCheckpoint  # noqa: E402
 from lit_grpo.datamodules import ShapeWorldDataModule  # noqa: E402
 from lit_grpo.modules import GRPOModule  # noqa: E402
 from lit_grpo.modules.sharding import ShardingSettings  # noqa: E402
+from lit_grpo.modules.update import _grad_norm  # noqa: E402
 from lit_grpo.policies import LoraSettings, TinyEditPolicy  # noqa: E402
 from lit_grpo.rewards import Reward, RewardOutput  # noqa: E402
 from lit_grpo.sampling.noise import NoiseBuilder  # noqa: E402
 
 GROUP = 4
+CLIP = 3e-4  # max_grad_norm of `compare`
 
 
 class IndexReward(Reward):
@@ -93,6 +96,11 @@ class Recorded(GRPOModule):
             **kwargs,
         )
         self.seen: list[dict] = []
+        self.clipped: list[float] = []  # the gradient norm each optimiser step is given
+
+    def on_before_optimizer_step(self, optimizer):
+        # after clipping; over every shard under FSDP2 (a collective: every rank is here)
+        self.clipped.append(_grad_norm(self).item())
 
     def sample_regions(self, batch):
         if not isinstance(self.sampler.noise, ConditionNoise):
@@ -107,8 +115,10 @@ class Recorded(GRPOModule):
         return adv, targets
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        loss = self.trainer.callback_metrics["train/loss"].item()
+        m = self.trainer.callback_metrics
+        loss, norm = m["train/loss"].item(), m["train/grad_norm"].item()
         self.seen.append({**self._last, "index": batch["index"].tolist(), "loss": loss})
+        self.seen[-1]["grad_norm"] = norm  # before clipping, the mean over the steps
 
 
 def lora_weights(module) -> dict:
@@ -163,6 +173,7 @@ def fit(args, tag: str, steps: int, ckpt: str | None = None, **module_kwargs) ->
         "global_step": trainer.global_step,
         "iteration": module.iteration,
         "optimizer_steps": sorted({int(s["step"]) for s in opt.state.values()}),
+        "clipped": module.clipped,
         "world": trainer.world_size,
         "dp": (module.data_parallel_rank, module.data_parallel_size),
         "sharded": module.is_sharded,
@@ -174,7 +185,9 @@ def fit(args, tag: str, steps: int, ckpt: str | None = None, **module_kwargs) ->
 
 def run(args) -> None:
     if "compare" in args.scenarios:
-        fit(args, "compare", 2, noise=ConditionNoise(), sharding=ShardingSettings("float32"))
+        # the gradient norms are ~3e-4 here: clipping at CLIP binds on some steps, not all
+        sharding = ShardingSettings("float32")
+        fit(args, "compare", 2, noise=ConditionNoise(), sharding=sharding, max_grad_norm=CLIP)
     if "resume" in args.scenarios:
         # bf16 compute and activation checkpointing under FSDP2 (ignored by the others)
         sharding = ShardingSettings("bfloat16", activation_checkpointing=True)

@@ -331,6 +331,41 @@ def test_shard_modules_are_the_transformer_blocks(name):
     assert all(any(b is m for m in policy.transformer.modules()) for b in blocks)
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_gradient_checkpointing_is_the_policys_one_activation_checkpointing_switch(name):
+    """`gradient_checkpointing` and `checkpoint_activations` are one switch, diffusers' own:
+    no second wrapper goes on the blocks; the loss and gradient are those without it."""
+    batch = scenes()
+    results = []
+    for on in (False, True):
+        policy = BACKBONES[name](gradient_checkpointing=on)
+        assert policy.checkpointing_activations == on == policy.transformer.gradient_checkpointing
+        assert not any("forward" in vars(b) for b in policy.shard_modules())  # no wrapper
+        policy.add_lora(LoraSettings(rank=2, alpha=2))
+        cond = policy.encode_condition(batch["source"], batch["instruction"])
+        shape = (2, *policy.latent_shape((SIZE, SIZE)))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(1)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = policy.velocity(x, torch.tensor([0.3, 0.6]), cond).pow(2).mean()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # Qwen: dead LoRA weights
+        results.append((loss.detach(), grads, len(saved)))
+    policy.checkpoint_activations(False)
+    assert not policy.checkpointing_activations and not policy.transformer.gradient_checkpointing
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert [a is None for a in grads_a] == [b is None for b in grads_b]
+    pairs = [(a, b) for a, b in zip(grads_a, grads_b) if a is not None]
+    assert pairs and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+    assert saved_b < saved_a  # the blocks keep their inputs, not their activations
+
+
 # --- no host synchronisation inside velocity -------------------------------------------------
 
 SYNCS = ["item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__"]

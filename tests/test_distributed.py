@@ -15,6 +15,7 @@ Tolerances, and why they are not 0:
 - LoRA weights after 2 AdamW steps (lr 1e-2): 1e-5 absolute (measured 2.0e-6). The gradients
   differ by the same rounding; AdamW divides each element by its running RMS, which turns
   a rounding difference of a small element into a larger relative step difference.
+- gradient norms (before and after clipping at 3e-4): 1e-4 relative, the same rounding.
 - resume: bit for bit (same processes, same world size, same thread count).
 """
 
@@ -27,7 +28,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSS_ATOL, LORA_ATOL = 1e-7, 1e-5
+LOSS_ATOL, LORA_ATOL, NORM_RTOL = 1e-7, 1e-5, 1e-4
+CLIP = 3e-4  # distributed_fit.CLIP
 
 
 def launch(strategy: str, out: Path, *extra: str) -> dict:
@@ -88,6 +90,16 @@ def assert_matches_one_process(ranks: list[dict], single: dict) -> None:
         # the gradient average over ranks is the gradient of the mean of their losses
         mean = sum(p["loss"] for p in parts) / len(parts)
         assert abs(mean - one["loss"]) <= LOSS_ATOL, (it, mean, one["loss"])
+        # the norm of the whole gradient (every FSDP2 shard), the same on every rank
+        assert parts[0]["grad_norm"] == parts[1]["grad_norm"]
+        assert parts[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=NORM_RTOL)
+    # clipping scaled every rank's gradient (each shard) to the one process's clipped norm
+    clipped = single["clipped"]
+    assert len(clipped) == 4 and min(clipped) < CLIP * 0.99 < max(clipped)  # binds, not always
+    assert all(c < CLIP * (1 + 1e-6) for c in clipped)
+    for rank in ranks:
+        assert rank["clipped"] == ranks[0]["clipped"]
+        assert rank["clipped"] == pytest.approx(clipped, rel=NORM_RTOL)
     for rank in ranks:
         assert rank["lora"].keys() == single["lora"].keys()
         for name, weight in single["lora"].items():
@@ -277,6 +289,30 @@ def test_sharding_refuses_trainable_weights_outside_the_denoiser_and_unknown_dty
         shard_policy(policy, mesh=None, settings=ShardingSettings())
     with pytest.raises(ValueError, match="sharding.param_dtype must be one of"):
         ShardingSettings(param_dtype="bf16")
+
+
+def test_sharding_activation_checkpointing_turns_on_the_policys_own_switch(monkeypatch):
+    """`ShardingSettings.activation_checkpointing` calls `policy.checkpoint_activations`:
+    with the policy's own flag on too, the blocks are wrapped once, not twice."""
+    import torch.distributed.fsdp as fsdp
+
+    from lit_grpo.modules.sharding import ShardingSettings, shard_policy
+    from lit_grpo.policies import TinyEditPolicy
+
+    sharded = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module))
+    both = TinyEditPolicy(width=32, depth=2, heads=2, activation_checkpointing=True)
+    both.prepare_training(None)  # the denoiser trains, the text encoder is frozen
+    wrappers = [vars(b)["forward"] for b in both.shard_modules()]
+    shard_policy(both, None, ShardingSettings(activation_checkpointing=True))
+    assert [vars(b)["forward"] for b in both.shard_modules()] == wrappers  # the same ones
+    assert all(w.args[1] is type(b).forward for w, b in zip(wrappers, both.shard_modules()))
+    assert sharded == [*both.shard_modules(), both.denoiser]
+    for policy_flag, sharding_flag in ((False, True), (True, False), (False, False)):
+        policy = TinyEditPolicy(width=32, depth=2, heads=2, activation_checkpointing=policy_flag)
+        policy.prepare_training(None)
+        shard_policy(policy, None, ShardingSettings(activation_checkpointing=sharding_flag))
+        assert policy.checkpointing_activations == (policy_flag or sharding_flag)
 
 
 @pytest.mark.parametrize("overlay", ["fsdp", "ddp"])

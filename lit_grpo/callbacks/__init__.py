@@ -8,6 +8,7 @@ from lit_grpo.callbacks.progress import PhaseProgressBar
 from lit_grpo.callbacks.rollout_images import RolloutImageLogger
 from lit_grpo.callbacks.stop import StopOnSignal
 from lit_grpo.callbacks.summary import ModelSummary
+from lit_grpo.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "EMAWeightAveraging",
@@ -18,4 +19,5 @@ __all__ = [
     "PhaseProgressBar",
     "RolloutImageLogger",
     "StopOnSignal",
+    "ThroughputMonitor",
 ]

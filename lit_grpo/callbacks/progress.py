@@ -1,7 +1,7 @@
 """A progress bar that shows which phase of a step is running (sampling, rewards, update).
 
-Protocol: the module calls `trainer.progress_bar_callback.set_phase(name)` when it exists;
-any bar without that method is left alone.
+Protocol: the module calls `set_phase(name)` on the bar (lit_grpo's stages call it on every
+callback that has the method); any bar without that method is left alone.
 """
 
 from lightning.pytorch.callbacks import TQDMProgressBar

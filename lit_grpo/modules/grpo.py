@@ -19,6 +19,16 @@ One training step reads top to bottom (manual optimisation; the loop is `trainin
    with a non-finite loss or gradient is skipped, and too many such iterations in a row
    stop the run.
 
+Host syncs: sampling, scoring and the update read nothing back from the device (see
+`lit_grpo.sampling.rollout`, `lit_grpo.modules.update`); the statistics stay tensors until
+`_log_step` logs them. One value is read between the rewards and the update, with no
+phase running: whether any row of any rank trains (gathered data, so every rank decides
+alike). An iteration with nothing to train (every group zero-spread, every reward NaN)
+then runs no forward or backward pass at all. `micro_batch_size` bounds the rows one
+forward pass sees in sampling and in the update; activation checkpointing
+(`EditPolicy.checkpoint_activations`) and bf16 are the policy's and the Trainer's
+(`precision: bf16-mixed`).
+
 `trainer.global_step` (and so `max_steps`) counts GRPO iterations: it advances by exactly
 one per training batch, whether the batch stepped the optimiser minibatches x inner_epochs
 times or, all its groups skipped, not at all (see `_count_iteration`).
@@ -33,7 +43,6 @@ synchronously (no thread pool: CPU-sized), and the condition encoders are frozen
 denoiser trains), so the encoding of step 1 is reused by the update.
 """
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,8 +59,10 @@ from lit_grpo.modules.objectives import (
     gathered_group_advantages,
     group_advantages,
 )
+from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
+from lit_grpo.modules.statistics import nanmean, step_statistics
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
@@ -84,9 +95,13 @@ class GRPOModule(PolicyStage):
         adv_std: "global" (Flow-GRPO) or "group" advantage normalisation; adv_clamp: +- clamp.
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warm-up, clipping.
-            The LR schedule steps with the optimiser, so warmup_steps counts optimiser
-            steps (minibatches x inner_epochs per iteration), not iterations: iterations
-            that train nothing do not use up the warm-up.
+            The LR schedule steps with every optimiser step the update attempts
+            (minibatches x inner_epochs per iteration), so warmup_steps counts attempted
+            optimiser steps, not iterations: a step skipped on the device (a minibatch with
+            no valid row, a non-finite loss or gradient) still advances it (deciding on the
+            host would stall the GPU at every minibatch), while an iteration with no valid
+            row on any rank attempts none (its update does not run) and does not use up
+            the warm-up.
         max_nonfinite_in_a_row: stop with an error after this many consecutive iterations
             whose loss or gradient was not finite (their steps are skipped, not taken).
         eval_steps: ODE steps for validation edits.
@@ -95,6 +110,9 @@ class GRPOModule(PolicyStage):
             ones and background L1, by default; add LPIPS / CLIP there).
         sharding: FSDP2 settings, used under `ModelParallelStrategy` only
             (configs/strategy/fsdp.yaml; `lit_grpo.modules.sharding`).
+        micro_batch_size: the most rollouts one forward (and backward) pass of the policy
+            sees, in sampling and in the update (None: all of them at once). Memory scales
+            with it; rollouts and gradients do not change.
     """
 
     full_finetune = "denoiser"
@@ -127,6 +145,7 @@ class GRPOModule(PolicyStage):
         grid_size: int = 4,
         metrics: EditMetrics | None = None,
         sharding: ShardingSettings | None = None,
+        micro_batch_size: int | None = None,
     ):
         if not rewards:
             raise ValueError("GRPO needs at least one reward")
@@ -153,10 +172,14 @@ class GRPOModule(PolicyStage):
             ignore=["policy", "rewards", "segmenter", "strategy", "noise", "metrics"]
         )
         self.automatic_optimization = False
-        self.sampler = RolloutSampler(sample_steps, sample_shift, noise_level, noise)
+        self.sampler = RolloutSampler(
+            sample_steps, sample_shift, noise_level, noise, micro_batch_size
+        )
         self.scorer = Scorer(rewards, segmenter)
         self.strategy = strategy or FullTrajectory()
-        self.updater = ClippedUpdate(clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm)
+        self.updater = ClippedUpdate(
+            clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm, micro_batch_size
+        )
         self.iteration = 0  # GRPO iterations (rollout batches), whether or not they step
         self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
         self.phase = "idle"
@@ -233,12 +256,12 @@ class GRPOModule(PolicyStage):
             rewards, self.hparams.group_size, self.gather, self.data_parallel_rank, self.normalise
         )
 
-    def loss_denominator(self, adv: Advantages) -> float:
-        """Valid rows of all ranks per minibatch and rank: the gradient average of DDP and
-        FSDP over the data-parallel ranks then equals the single-process mean (exact with
-        one minibatch)."""
+    def loss_denominator(self, adv: Advantages) -> Tensor:
+        """Valid rows of all ranks per minibatch and data-parallel rank (at least 1; a 0-d
+        tensor, not read back): the gradient average of DDP and FSDP over the data-parallel
+        ranks then equals the single-process mean (exact with one minibatch)."""
         world = self.data_parallel_size
-        return max(adv.valid.sum().item() / (world * self.hparams.minibatches), 1.0)
+        return (adv.valid.sum() / (world * self.hparams.minibatches)).clamp_min(1.0)
 
     def normalise(self, rewards: Tensor, group_size: int) -> Advantages:
         """Per-group advantages of the gathered rewards [B * G] (GRPO's z-score here)."""
@@ -248,27 +271,26 @@ class GRPOModule(PolicyStage):
 
     # --- the loop -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        timings = {}
-        with self._phase("sampling", timings):
+        clock = PhaseClock(self.device)
+        with self._phase("sampling", clock):
             record = self.sample(batch)
-        with self._phase("rewards", timings):
+        with self._phase("rewards", clock):
             scores = self.score(record, batch)
-        adv, targets = self.advantages(scores, record)
-        skipped = not bool(adv.valid.any())  # identical on every rank: computed on gathered data
-        log = self._step_log(scores, adv, skipped)
-        timings["time/update"] = 0.0
-        log.update({"train/optimizer_steps": 0.0, "train/nonfinite_skipped": 0.0})
-        if not skipped:
-            with self._phase("update", timings):
-                stats = self.updater(self, self.sampler, record, targets, self.generator)
-            log.update({f"train/{k}": v for k, v in stats.items()})
-        log.update(timings)
-        n_cond = batch["source"].shape[0]
-        self.log_dict(log, batch_size=n_cond)
-        self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
+            adv, targets = self.advantages(scores, record)
+        # the one value a step reads back before it logs, with no phase running: whether
+        # any row of any rank trains (identical on every rank: computed on gathered data).
+        # With nothing to train the update's forward and backward passes would all be
+        # masked: they do not run, and neither the optimiser nor the LR schedule steps
         self._set_phase("idle")
-        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
-            self._check_nonfinite(stats["nonfinite_skipped"] > 0)
+        skipped = not bool(adv.valid.any())
+        if skipped:
+            zero = torch.zeros((), device=self.device)
+            stats = {"optimizer_steps": zero, "nonfinite_skipped": zero}
+        else:
+            with self._phase("update", clock):
+                stats = self.updater(self, self.sampler, record, targets, self.generator)
+            self._set_phase("idle")
+        self._log_step(batch, scores, adv, stats, clock, skipped)
         self.iteration += 1
         self._count_iteration()
         # for callbacks (lit_grpo.callbacks.RolloutImageLogger); Lightning detaches nothing here
@@ -280,6 +302,31 @@ class GRPOModule(PolicyStage):
                 "instruction": list(batch["instruction"]),
             }
         }
+
+    def samples_per_step(self, batch: dict) -> int:
+        """Images one training step samples on this device (B x G): what
+        `lit_grpo.callbacks.ThroughputMonitor` counts."""
+        return batch["source"].shape[0] * self.hparams.group_size
+
+    def _log_step(
+        self,
+        batch: dict,
+        scores: Scores,
+        adv: Advantages,
+        stats: dict,
+        clock: PhaseClock,
+        skipped: bool,
+    ) -> None:
+        """Log the step: where its statistics are read back from the device."""
+        log = step_statistics(scores, adv)
+        log.update({f"train/{k}": v for k, v in stats.items()})
+        timings = {"update": 0.0, **clock.seconds()}  # a skipped update took no time
+        log.update({f"time/{k}": v for k, v in timings.items()})
+        n_cond = batch["source"].shape[0]
+        self.log_dict(log, batch_size=n_cond)
+        self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
+        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
+            self._check_nonfinite(bool(stats["nonfinite_skipped"] > 0))
 
     def _count_iteration(self) -> None:
         """Advance `trainer.global_step` by one: it counts GRPO iterations.
@@ -313,36 +360,16 @@ class GRPOModule(PolicyStage):
                 "checkpoint."
             )
 
-    def _step_log(self, scores: Scores, adv: Advantages, skipped: bool) -> dict[str, float]:
-        total = scores.total
-        log = {f"reward/{k}": _nanmean(v) for k, v in scores.parts.items()}
-        log.update({f"reward_std/{k}": _nanstd(v) for k, v in scores.parts.items()})
-        log.update(
-            {
-                "reward/total": _nanmean(total),
-                "reward_std/total": _nanstd(total),
-                "adv/mean": adv.values[adv.valid].mean().item() if adv.valid.any() else 0.0,
-                "adv/std": adv.values[adv.valid].std().item() if adv.valid.sum() > 1 else 0.0,
-                "adv/abs_max": adv.values.abs().max().item(),
-                "groups/zero_spread_fraction": adv.zero_spread.float().mean().item(),
-                "groups/dropped_samples": (~torch.isfinite(total)).sum().item(),
-                "train/skipped": float(skipped),
-            }
-        )
-        return log
-
     @contextmanager
-    def _phase(self, phase: str, timings: dict[str, float]) -> Iterator[None]:
+    def _phase(self, phase: str, clock: PhaseClock) -> Iterator[None]:
         self._set_phase(phase)
-        start = time.perf_counter()
+        clock.start(phase)
         yield
-        timings[f"time/{phase}"] = time.perf_counter() - start
+        clock.stop(phase)
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
-        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
-        if bar is not None and hasattr(bar, "set_phase"):
-            bar.set_phase(phase)
+        announce_phase(self._trainer, phase)
 
     # --- the early-exit protocol (lit_grpo.callbacks.EarlyExitSelector) -----------------------
     @torch.no_grad()
@@ -379,10 +406,10 @@ class GRPOModule(PolicyStage):
         scores = self.scorer.judge(inputs)
         n = batch["source"].shape[0]
         self.log(
-            f"{stage}/reward", _nanmean(scores.total), batch_size=n, sync_dist=True, prog_bar=True
+            f"{stage}/reward", nanmean(scores.total), batch_size=n, sync_dist=True, prog_bar=True
         )
         for key, value in scores.parts.items():
-            self.log(f"{stage}/{key}", _nanmean(value), batch_size=n, sync_dist=True)
+            self.log(f"{stage}/{key}", nanmean(value), batch_size=n, sync_dist=True)
         return edits
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -407,7 +434,12 @@ class GRPOModule(PolicyStage):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for all parameters, and it can skip a step on the device (the
+        # update's degenerate minibatches) without reading a flag back to the host
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        opt = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused
+        )
         warmup = max(self.hparams.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         return [opt], [sched]
@@ -437,13 +469,3 @@ class GRPOModule(PolicyStage):
             )
             return
         self.generator.set_state(states[self.data_parallel_rank].clone())  # own storage
-
-
-def _nanmean(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return x.mean().item() if x.numel() else float("nan")
-
-
-def _nanstd(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return x.std().item() if x.numel() > 1 else 0.0

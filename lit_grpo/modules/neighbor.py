@@ -43,7 +43,7 @@ from lit_grpo.modules.rcgrpo import RCGRPOModule
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.rewards.base import Reward
-from lit_grpo.sampling.flow import ode_step
+from lit_grpo.sampling.flow import host_to_device, ode_step
 from lit_grpo.sampling.noise import RegionDecoupledNoise
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 from lit_grpo.sampling.strategies import ODETrajectory
@@ -76,10 +76,10 @@ class NeighborUpdate(ClippedUpdate):
         g = record.group_size
         groups = len(record) // g
         pick = torch.rand(groups, g, generator=generator).argsort(1)[:, : self._per_group(g)]
-        rows = (pick + torch.arange(groups)[:, None] * g).flatten().to(device)  # [B x anchors]
+        rows = (pick + torch.arange(groups)[:, None] * g).flatten()  # [B x anchors]
         if self.minibatches > 1:
-            rows = rows[torch.randperm(rows.numel(), generator=generator).to(device)]
-        return rows
+            rows = rows[torch.randperm(rows.numel(), generator=generator)]
+        return host_to_device(rows, device)
 
     def step_loss(
         self,

@@ -51,8 +51,12 @@ def group_advantages(
     if std == "group":
         denom = group_var.sqrt()
     else:
-        pooled = r[finite]
-        denom = pooled.std(unbiased=False) if pooled.numel() > 1 else torch.zeros((), dtype=r.dtype)
+        # the std of every finite reward, as tensor ops (a boolean index or a branch on the
+        # count would read back from the device: a host sync)
+        n = finite.sum()
+        pooled_mean = r0.sum() / n.clamp_min(1)
+        pooled_var = (torch.where(finite, r - pooled_mean, 0.0) ** 2).sum() / n.clamp_min(1)
+        denom = torch.where(n > 1, pooled_var.sqrt(), 0.0)
     adv = (centred / (denom + eps)).clamp(-clamp, clamp)
     valid = finite & ~zero_spread[:, None]
     adv = torch.where(valid, adv, torch.zeros_like(adv))

@@ -72,7 +72,12 @@ class RCGRPOModule(GRPOModule):
         self.move_fraction, self.region_margin = move_fraction, region_margin
         h = self.hparams
         self.updater = self.build_updater(
-            h.clip_range, h.kl_beta, h.inner_epochs, h.minibatches, h.max_grad_norm
+            h.clip_range,
+            h.kl_beta,
+            h.inner_epochs,
+            h.minibatches,
+            h.max_grad_norm,
+            h.micro_batch_size,
         )
         self._regions: tuple[Tensor, Detections, Tensor] | None = None
 

@@ -33,7 +33,10 @@ class ShardingSettings:
                               ("bfloat16" by default; "float32" computes in full precision)
     reduce_dtype:             dtype of the gradient reduce-scatter ("float32")
     activation_checkpointing: recompute each block's activations in backward instead of
-                              storing them (less memory, about one more forward of time)
+                              storing them (less memory, about one more forward of time):
+                              turns on the policy's `checkpoint_activations`, the same
+                              switch as the policy's own argument (False leaves the
+                              policy's setting as it is)
     reshard_after_forward:    free each block's gathered parameters after its forward (True,
                               ZeRO-3 style) or keep them until backward (False: less traffic)
     """
@@ -92,13 +95,12 @@ def shard_policy(policy, mesh, settings: ShardingSettings) -> list[nn.Module]:
         param_dtype=DTYPES[settings.param_dtype], reduce_dtype=DTYPES[settings.reduce_dtype]
     )
     kwargs = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=settings.reshard_after_forward)
+    if settings.activation_checkpointing:
+        # the policy's own switch (`EditPolicy.checkpoint_activations`), so that this flag and
+        # the policy's never put two checkpointing mechanisms on one block; parameter names
+        # (and so checkpoints) stay those of the unsharded model
+        policy.checkpoint_activations(True)
     for block in blocks:
-        if settings.activation_checkpointing:
-            # the composable API: hooks, no wrapper, so parameter names (and checkpoints)
-            # stay those of the unsharded model
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)
         fully_shard(block, **kwargs)
     fully_shard(denoiser, **kwargs)
     return blocks

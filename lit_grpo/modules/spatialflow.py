@@ -26,6 +26,7 @@ from lit_grpo.modules.grpo import GRPOModule
 from lit_grpo.modules.objectives import Advantages, region_weighted_loss, token_advantages
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.rewards.scoring import Scores
+from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 
 
@@ -50,7 +51,7 @@ class SpatialFlowUpdate(ClippedUpdate):
             old,
             targets.tokens[rows],
             cover,
-            torch.tensor(weights, device=new.device),
+            host_to_device(torch.tensor(weights), new.device),  # no host sync
             self.clip_range,
             targets.valid[rows].float(),
             targets.denominator,
@@ -89,6 +90,7 @@ class SpatialFlowGRPOModule(GRPOModule):
             hp.inner_epochs,
             hp.minibatches,
             hp.max_grad_norm,
+            hp.micro_batch_size,
             region_weights=region_weights,
         )
         self.region_reward = region_reward

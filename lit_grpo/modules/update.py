@@ -8,29 +8,55 @@ overrides (per-token advantages and weights instead of per-rollout ones); two sm
 sit inside it: `reduce` (per-element log-probs -> per sample: RC-GRPO's region mean) and
 `epoch_rows` (the rows an inner epoch visits: Neighbor GRPO's anchors).
 
-Degenerate minibatches never step: one whose rows are all masked (non-finite rewards,
-zero-spread groups; on every rank) is skipped before its forward pass, since AdamW would
-still move the weights on its zero gradient (momentum, weight decay); one whose loss or
-gradient norm is not finite is zeroed and skipped, and counted (`nonfinite_skipped`).
+Memory: with `micro_batch_size` a minibatch's forward and backward passes run on at most
+that many rows at a time and the gradients accumulate. Every loss here is a sum over rows
+divided by a denominator fixed before the update (`PolicyTargets.denominator`), so the
+micro-batches' losses add up to the minibatch's loss and the accumulated gradient is the
+full-batch one, with no rescaling.
+
+No host syncs: nothing inside the update reads a value back from the device. Degenerate
+minibatches are decided on the device and never step: one whose rows are all masked
+(non-finite rewards, zero-spread groups; on every rank), since AdamW would still move the
+weights on its zero gradient (momentum, weight decay), and one whose loss or gradient norm
+is not finite on any rank (counted, `nonfinite_skipped`). The skip is the fused AdamW's own
+(the `found_inf` flag the kernel honours, as under a `GradScaler`), so such a minibatch
+still runs its forward and backward passes (with weights 0) and the LR schedule still
+steps: deciding on the host would drain the GPU's queue once per minibatch. An optimiser
+without device-side skipping falls back to reading the flag on the host. The statistics
+come back as device tensors, read when they are logged. An iteration with no valid row at
+all never gets here: `GRPOModule.training_step` skips its update (one host read per
+iteration, made on gathered data, so every rank skips together).
+
+Under DDP and FSDP2 the decisions are the same on every rank: the valid-row counts are
+summed over ranks and the finite flags combined by a min over ranks (device-side
+all-reduces), and the gradient norm is that of the whole gradient (DDP's all-reduced one;
+under FSDP2 the DTensor shards' squared norms summed over the mesh), so clipping scales
+every shard by the same factor.
 
 The optimiser steps through `strategy.optimizer_step` (what `LightningOptimizer.step` runs,
 precision plugin included) rather than `opt.step()`, so that Lightning's step counter does
 not advance here: `trainer.global_step` counts GRPO iterations (`GRPOModule` advances it
-once per training batch). The LR scheduler steps with every optimiser step.
+once per training batch). The LR scheduler steps with every optimiser step the update
+attempts, those skipped on the device included.
 
-Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`, `clip_gradients`,
+Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`,
 `block_backward_sync`) come from the module passed in; the update holds only its settings.
+Gradients are clipped with `torch.nn.utils.clip_grads_with_norm_` and the norm the skip
+decision already took (Lightning's `clip_gradients` refuses a fused optimiser under mixed
+precision; under FSDP2 the 0-d clip factor multiplies the DTensor shards as a replicated
+scalar); fp16 with loss scaling is refused (bf16 and fp32 are what the update supports).
 """
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.utils import clip_grads_with_norm_
 
 from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
+from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 from lit_grpo.sampling.sde import reduce_log_prob
 
@@ -44,9 +70,14 @@ class PolicyTargets:
 
     advantages: Tensor
     valid: Tensor
-    denominator: float
+    denominator: Tensor | float
     tokens: Tensor | None = None
     cover: Tensor | None = None
+
+
+# statistics that are sums over rows divided by the fixed denominator: they add up over
+# micro-batches; the others are means over rows, combined weighted by valid rows
+ADDITIVE_STATS = ("loss", "kl")
 
 
 class ClippedUpdate:
@@ -57,6 +88,8 @@ class ClippedUpdate:
         kl_beta: weight of the KL to the reference, on Flow-GRPO's scale (see `kl_to_reference`).
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         max_grad_norm: gradient clipping (L2 norm).
+        micro_batch_size: the most rows one forward and backward pass sees (None: the whole
+            minibatch); the gradient is the same, the activation memory scales with it.
     """
 
     def __init__(
@@ -66,14 +99,18 @@ class ClippedUpdate:
         inner_epochs: int = 1,
         minibatches: int = 1,
         max_grad_norm: float = 1.0,
+        micro_batch_size: int | None = None,
     ):
         if inner_epochs < 1 or minibatches < 1:
             raise ValueError(
                 f"inner_epochs and minibatches must be >= 1, got {inner_epochs}, {minibatches}"
             )
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
         self.clip_range, self.kl_beta = clip_range, kl_beta
         self.inner_epochs, self.minibatches = inner_epochs, minibatches
         self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
 
     def __call__(
         self,
@@ -82,58 +119,90 @@ class ClippedUpdate:
         record: RolloutRecord,
         targets: PolicyTargets,
         generator: torch.Generator | None = None,
-    ) -> dict[str, float]:
-        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG)."""
+    ) -> dict[str, Tensor]:
+        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG).
+        Returns the statistics as 0-d device tensors (read them when logging)."""
         opt, sched = module.optimizers(), module.lr_schedulers()
-        num_steps = record.num_trained_steps
-        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), 0.0)
-        count, norms, nonfinite, empty = 0, [], 0, 0
         strategy = module.trainer.strategy
-        sync_block = getattr(strategy, "block_backward_sync", nullcontext)
+        if getattr(strategy.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "the GRPO update does not support fp16 loss scaling (trainer.precision "
+                f"{module.trainer.precision!r}); use precision bf16-mixed, bf16-true or 32"
+            )
+        zero = torch.zeros((), device=module.device)
+        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), zero)
+        count, norms, taken, nonfinite, empty = zero, zero, zero, zero, zero
         for _ in range(self.inner_epochs):
             rows = self.epoch_rows(record, targets, module.device, generator)
             chunks = rows.chunk(self.minibatches)
-            # valid rows per minibatch summed over ranks (all ranks must skip together, or
-            # DDP's all-reduce hangs): one host sync per pass, none per step
-            live = torch.stack([targets.valid[rows].sum() for rows in chunks])
-            live = strategy.reduce(live.float(), reduce_op="sum").tolist()
-            for rows, n_live in zip(chunks, live):
-                if n_live == 0:
-                    empty += 1
-                    continue
+            # valid rows per minibatch summed over ranks (a collective, not a host read): all
+            # ranks skip the same minibatches, or DDP's next all-reduce would hang
+            live = torch.stack([targets.valid[rows].sum() for rows in chunks]).float()
+            live = _all_reduce(live, "sum") > 0
+            for rows, has_rows in zip(chunks, live):
                 opt.zero_grad(set_to_none=True)
-                finite = True
-                for k in range(num_steps):
-                    # all-reduce the gradients once per minibatch, on its last step
-                    with sync_block() if k < num_steps - 1 else nullcontext():
-                        loss, stats = self.step_loss(module, sampler, record, targets, rows, k)
-                        module.manual_backward(loss / num_steps)
-                    values = {key: v.item() for key, v in stats.items()}  # not in a graph
-                    for key, value in values.items():
-                        totals[key] += value
-                    finite = finite and math.isfinite(values["loss"])
-                    count += 1
+                stats, finite = self.minibatch_backward(module, sampler, record, targets, rows)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, zero) + torch.where(has_rows, value, 0.0)
+                count = count + has_rows * record.num_trained_steps
                 # the norm of the whole gradient (after DDP's all-reduce; over every shard
-                # under FSDP), the same on every rank; whether to skip is decided by all ranks
-                # together: a rank that stepped alone would wait forever in the next collective
+                # under FSDP2), the same on every rank. Whether to skip is decided by all
+                # ranks together (a min over ranks, on the device): a rank that stepped alone
+                # would wait forever in the next collective
                 norm = _grad_norm(module)
-                if _any_rank(strategy, not (finite and math.isfinite(norm)), module.device):
-                    opt.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    continue
-                norms.append(norm)
-                module.clip_gradients(
-                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                finite = _on_every_rank(finite & torch.isfinite(norm))
+                step = has_rows & finite
+                # clipped with the norm just taken (Lightning's `clip_gradients` refuses a
+                # fused optimiser under mixed precision, for fp16's loss scaling)
+                clip_grads_with_norm_(
+                    [p for p in module.parameters() if p.grad is not None],
+                    self.max_grad_norm,
+                    norm,
                 )
                 with module.trainer.profiler.profile("optimizer_step"):
-                    strategy.optimizer_step(opt.optimizer, closure=_no_closure)
+                    _step_where(strategy, opt, step)
                 sched.step()
-        out = {k: v / max(count, 1) for k, v in totals.items()}
-        out["grad_norm"] = sum(norms) / max(len(norms), 1)
-        out["optimizer_steps"] = float(len(norms))
-        out["nonfinite_skipped"] = float(nonfinite)
-        out["empty_minibatches"] = float(empty)
+                norms = norms + torch.where(step, norm, 0.0)
+                taken = taken + step
+                nonfinite = nonfinite + (has_rows & ~finite)
+                empty = empty + ~has_rows
+        out = {k: v / count.clamp_min(1) for k, v in totals.items()}
+        out["grad_norm"] = norms / taken.clamp_min(1)
+        out["optimizer_steps"] = taken.float()
+        out["nonfinite_skipped"] = nonfinite.float()
+        out["empty_minibatches"] = empty.float()
         return out
+
+    def minibatch_backward(
+        self,
+        module: L.LightningModule,
+        sampler: RolloutSampler,
+        record: RolloutRecord,
+        targets: PolicyTargets,
+        rows: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Backpropagate the loss of `rows` for every trained step, `micro_batch_size` rows
+        per pass. Returns the statistics summed over the trained steps (device tensors) and
+        whether every loss was finite (a 0-d bool tensor)."""
+        num_steps = record.num_trained_steps
+        micro = rows.split(self.micro_batch_size or max(rows.numel(), 1))
+        passes = [(part, k) for part in micro for k in range(num_steps)]
+        sync_block = getattr(module.trainer.strategy, "block_backward_sync", nullcontext)
+        valid = targets.valid.float()
+        share_of = valid[rows].sum().clamp_min(1)
+        totals: dict[str, Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=rows.device)
+        for i, (part, k) in enumerate(passes):
+            # all-reduce the gradients once per minibatch, on its last backward pass
+            with sync_block() if i < len(passes) - 1 else nullcontext():
+                loss, stats = self.step_loss(module, sampler, record, targets, part, k)
+                module.manual_backward(loss / num_steps)
+            share = valid[part].sum() / share_of  # mean statistics: weighted by valid rows
+            for key, value in stats.items():  # detached: not in a graph
+                value = value if key in ADDITIVE_STATS else value * share
+                totals[key] = totals.get(key, 0.0) + value
+            finite = finite & torch.isfinite(stats["loss"])
+        return totals, finite
 
     def epoch_rows(
         self,
@@ -146,7 +215,7 @@ class ClippedUpdate:
         split in minibatches)."""
         n = len(record)
         if self.minibatches > 1:
-            return torch.randperm(n, generator=generator).to(device)
+            return host_to_device(torch.randperm(n, generator=generator), device)
         return torch.arange(n, device=device)
 
     def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:
@@ -198,10 +267,27 @@ def _no_closure() -> None:
     """The closure `strategy.optimizer_step` wants: the backward passes already ran."""
 
 
-def _grad_norm(module: L.LightningModule) -> float:
-    """The L2 norm of every gradient. Under FSDP2 a gradient is a DTensor and each rank
-    holds a shard of it: the shards' squared norms are summed over their mesh, so every rank
-    gets the norm of the whole gradient (a collective: all ranks call it)."""
+def _step_where(strategy, opt, step: Tensor) -> None:
+    """Step the optimiser where the 0-d bool `step` is True, deciding on the device: the
+    fused Adam(W) kernels skip a step, their step counter included, when the optimiser's
+    `found_inf` is set (the flag `torch.amp.GradScaler` hands them). Any other optimiser
+    reads `step` on the host (one sync per optimiser step)."""
+    raw = opt.optimizer
+    if getattr(raw, "_step_supports_amp_scaling", False):
+        raw.found_inf = (~step).float()
+        try:
+            strategy.optimizer_step(raw, closure=_no_closure)
+        finally:
+            del raw.found_inf
+    elif bool(step):
+        strategy.optimizer_step(raw, closure=_no_closure)
+
+
+def _grad_norm(module: L.LightningModule) -> Tensor:
+    """The L2 norm of every gradient, a 0-d device tensor (not read back). Under FSDP2 a
+    gradient is a DTensor and each rank holds a shard of it: the shards' squared norms are
+    summed over their mesh, so every rank gets the norm of the whole gradient (a
+    collective: all ranks call it)."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
@@ -215,10 +301,22 @@ def _grad_norm(module: L.LightningModule) -> float:
         local = torch.stack([g.to_local().float().norm() ** 2 for g in sharded]).sum()
         torch.distributed.all_reduce(local, group=mesh.get_group())
         square = square + local.to(square.device)
-    return square.sqrt().item()
+    return square.sqrt()
 
 
-def _any_rank(strategy, flag: bool, device) -> bool:
-    """`flag` of any rank (a max over ranks; the flag itself on one process)."""
-    value = torch.tensor(float(flag), device=device)
-    return bool(strategy.reduce(value, reduce_op="max").item() > 0)
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    """`tensor` reduced over all ranks with `op` ("sum", "min"); the tensor itself on one
+    process. A plain `all_reduce`, queued on the device like any kernel: Lightning's
+    `strategy.reduce` puts a barrier first, which on NCCL makes the host wait for the GPU."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
+    return tensor
+
+
+def _on_every_rank(flag: Tensor) -> Tensor:
+    """Whether the 0-d bool `flag` holds on every rank (a 0-d bool device tensor)."""
+    return _all_reduce(flag.to(torch.int32), "min") > 0

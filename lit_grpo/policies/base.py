@@ -167,6 +167,31 @@ class EditPolicy(nn.Module, ABC):
             )
         return found
 
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Activation checkpointing of the denoiser's blocks (`shard_modules`): with grad
+        enabled, each block keeps only its inputs and recomputes its activations in the
+        backward pass (`torch.utils.checkpoint`, non-reentrant); without grad (sampling)
+        blocks run as they are. Memory of a training forward drops to about one block's
+        activations, at the cost of a second forward of every block in the backward pass.
+        The blocks' `forward` is replaced on the instance, so parameter names, state dicts,
+        LoRA and FSDP units stay as they are.
+
+        The one switch for activation checkpointing: `TinyEditPolicy(activation_checkpointing=)`,
+        the diffusers policies' `gradient_checkpointing` (which override this method with
+        diffusers' own mechanism) and `ShardingSettings.activation_checkpointing` all call
+        it, so two mechanisms never wrap the same block; calling it twice is a no-op."""
+        for block in self.shard_modules():
+            wrapped = _is_checkpointed(block)
+            if enabled and not wrapped:
+                block.forward = partial(_checkpointed, block, type(block).forward)
+            elif not enabled and wrapped:
+                del block.forward
+
+    @property
+    def checkpointing_activations(self) -> bool:
+        """Whether the blocks recompute their activations (`checkpoint_activations`)."""
+        return any(_is_checkpointed(block) for block in self.shard_modules())
+
     def add_lora(self, settings: LoraSettings) -> None:
         """Freeze the policy and attach a trainable LoRA adapter to the denoiser."""
         self.requires_grad_(False)
@@ -212,3 +237,18 @@ class EditPolicy(nn.Module, ABC):
         cond = self.encode_condition(source, instructions)
         noise = randn_like(self.encode_images(source), generator)
         return self.decode(sample_ode(self.velocity_fn(cond), noise, steps, shift))
+
+
+def _is_checkpointed(block: nn.Module) -> bool:
+    forward = vars(block).get("forward")
+    return isinstance(forward, partial) and forward.func is _checkpointed
+
+
+def _checkpointed(block: nn.Module, forward, *args, **kwargs):
+    """`forward(block, ...)` under `torch.utils.checkpoint` when a backward pass will need
+    its activations (grad enabled), plainly otherwise."""
+    if not torch.is_grad_enabled():
+        return forward(block, *args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)

@@ -240,8 +240,7 @@ class DiffusersEditPolicy(EditPolicy):
         self.config = dict(config or {})
         self.recorder = AttentionRecorder()
         self._capturing: list[Tensor] | None = None
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self.checkpoint_activations(gradient_checkpointing)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -250,6 +249,21 @@ class DiffusersEditPolicy(EditPolicy):
     def shard_modules(self) -> list[nn.Module]:
         """The transformer blocks, each its own FSDP unit."""
         raise NotImplementedError
+
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Activation checkpointing through diffusers' own (`enable_gradient_checkpointing`:
+        the transformer recomputes each block in the backward pass, and only when grad is
+        enabled, so the rollouts run as they are). The one mechanism of these policies, in
+        place of `EditPolicy`'s block wrapper: the `gradient_checkpointing` argument and
+        `ShardingSettings.activation_checkpointing` both come here."""
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    @property
+    def checkpointing_activations(self) -> bool:
+        return bool(getattr(self.transformer, "gradient_checkpointing", False))
 
     # --- LoRA: the backbone's default targets, adapter weights in float32 -------------------
     def add_lora(self, settings: LoraSettings) -> None:

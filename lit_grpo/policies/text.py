@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_grpo.sampling.flow import host_to_device
+
 PAD, UNK = 0, 1
 _WORD = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
 
@@ -32,7 +34,7 @@ class WordTokenizer:
         for row, text in enumerate(texts):
             for col, word in enumerate(_WORD.findall(text.lower())[: self.max_words]):
                 ids[row, col] = self.index.get(word, UNK)
-        ids = ids.to(device)
+        ids = ids if device is None else host_to_device(ids, device)  # no host sync
         mask = ids != PAD
         mask[:, 0] = True  # an empty instruction still has one key to attend to
         return ids, mask

@@ -189,6 +189,8 @@ class TinyEditPolicy(EditPolicy):
         vocabulary: instruction words; ShapeWorld's template vocabulary by default.
         weights: a `.safetensors` file written by lit_grpo, a Lightning `.ckpt` of a
             lit_grpo stage, or a built-in name (`shapeworld-sft`); None for random init.
+        activation_checkpointing: recompute the transformer blocks' activations in the
+            backward pass instead of keeping them (`EditPolicy.checkpoint_activations`).
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class TinyEditPolicy(EditPolicy):
         max_words: int = 16,
         vocabulary: list[str] | None = None,
         weights: str | None = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if vocabulary is None:
@@ -221,6 +224,7 @@ class TinyEditPolicy(EditPolicy):
         self.transformer = TinyEditTransformer(3, patch_size, width, depth, heads)
         if weights is not None:
             load_policy_weights(self, weights)
+        self.checkpoint_activations(activation_checkpointing)
 
     @property
     def denoiser(self) -> nn.Module:

@@ -101,7 +101,9 @@ class RewardInputs:
         return tuple(self.images.shape[-2:])
 
     def task_is(self, task: str) -> Tensor:
-        return torch.tensor([t == task for t in self.spec.task], device=self.images.device)
+        mask = torch.tensor([t == task for t in self.spec.task])
+        # non-blocking: a blocking copy to a GPU would wait for its queue to drain
+        return mask.to(self.images.device, non_blocking=True)
 
 
 @dataclass

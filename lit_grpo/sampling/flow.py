@@ -71,7 +71,9 @@ def _broadcast(sigma: Tensor | float, like: Tensor) -> Tensor | float:
 
 __all__ = [
     "add_noise",
+    "host_to_device",
     "ode_step",
+    "randn_like",
     "sample_sigmas",
     "shortcut_to_data",
     "sigma_schedule",
@@ -80,8 +82,20 @@ __all__ = [
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (CPU generators
-    keep seeded runs identical across devices); without a generator, on x's own device."""
+    """Standard normal noise shaped like x, drawn in float32 on the generator's device (CPU
+    generators keep seeded runs identical across devices) and moved to x's device without
+    stalling the host (`host_to_device`); without a generator, on x's own device."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return host_to_device(noise, x.device).to(x.dtype)
+
+
+def host_to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """`tensor` on `device`. From the CPU to a CUDA device the copy goes through pinned memory
+    and does not block: a plain `.to("cuda")` of pageable memory waits for the GPU's queue to
+    drain (a host sync), which would stall the pipeline at every SDE step."""
+    device = torch.device(device)
+    if tensor.device == device or tensor.device.type != "cpu" or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

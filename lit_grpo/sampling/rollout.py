@@ -15,6 +15,13 @@ the stored transitions are exactly the ones the old log-probabilities scored. Lo
 stored per element ([N, K, C, h, w]); `RolloutRecord.log_probs("mean")` is Flow-GRPO's
 per-sample mean, and region methods weight the elements themselves. `rescore` recomputes a
 stored step under the current (or the reference) policy: the other half of the ratio.
+
+Memory and speed: with `micro_batch_size` the network sees at most that many rows at a time
+(every `velocity` call and the decoding run in chunks of the N = B x G rows), while the
+noise and the SDE maths still run over all N rows at once, so the rollouts are the same
+as without it. Nothing in the loop reads a value back to the host (no `.item()`, no branch
+on a tensor): the GPU's queue is never drained inside a rollout. The plan is checked
+against the schedule in Python before the loop instead.
 """
 
 from dataclasses import dataclass
@@ -94,6 +101,8 @@ class RolloutSampler:
         steps, shift: the denoising schedule (`sigma_schedule`).
         noise_level: the SDE noise level a (Talk2Move: 1.0).
         noise: where the randomness comes from (`IndependentNoise` by default).
+        micro_batch_size: the most rows one `velocity` or `decode` call sees (None: all N);
+            the memory of the rollout phase scales with it, the result does not.
     """
 
     def __init__(
@@ -102,10 +111,14 @@ class RolloutSampler:
         shift: float = 1.0,
         noise_level: float = 1.0,
         noise: NoiseBuilder | None = None,
+        micro_batch_size: int | None = None,
     ):
         sigma_schedule(steps, shift)  # bad values fail here, at construction
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
         self.steps, self.shift, self.noise_level = steps, shift, noise_level
         self.noise = noise or IndependentNoise()
+        self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
     def __call__(
@@ -129,6 +142,12 @@ class RolloutSampler:
                 f"{plan.sde_steps}); a policy objective takes one kind: train either only SDE "
                 "steps (log-probabilities) or only ODE steps (Neighbor GRPO's distances)"
             )
+        run = range(self.steps if plan.exit_step is None else plan.exit_step)
+        if any(i in plan.sde_steps and i == self.steps - 1 for i in run):
+            raise ValueError(
+                f"the plan samples the last step ({self.steps - 1}) with the SDE; its target "
+                "sigma is 0 and the Gaussian degenerate: end the plan's SDE steps before it"
+            )
         g = group_size
         cond = policy.encode_condition(source, instructions).repeat_interleave(g)
         n = source.shape[0] * g
@@ -140,7 +159,7 @@ class RolloutSampler:
         states, nexts, logps = [], [], []
         with policy.capture_attention(attention) as maps:
             for i in range(self.steps):
-                v = policy.velocity(x.to(dtype), sigmas[i].expand(n), cond)
+                v = self.velocity(policy, x.to(dtype), sigmas[i].expand(n), cond)
                 if i == plan.exit_step:  # early exit: jump from sigma_i straight to the data
                     x = shortcut_to_data(x, v.float(), sigmas[i])
                     break
@@ -158,7 +177,6 @@ class RolloutSampler:
                         states.append(x)
                         nexts.append(x_next)
                     x = x_next
-        steps = torch.tensor(plan.train_steps, device=source.device, dtype=torch.long)
         latents = x.to(dtype)
         return RolloutRecord(
             condition=cond,
@@ -166,19 +184,45 @@ class RolloutSampler:
             next_states=torch.stack(nexts, 1),
             log_prob_elements=torch.stack(logps, 1) if logps else None,
             train_steps=tuple(plan.train_steps),
-            sigmas=sigmas[steps],
-            sigma_next=sigmas[steps + 1],
+            # indexed with Python ints: a device index tensor would be a host-to-device copy
+            sigmas=torch.stack([sigmas[k] for k in plan.train_steps]),
+            sigma_next=torch.stack([sigmas[k + 1] for k in plan.train_steps]),
             sigma_max=sigmas[1],
             latents=latents,
-            images=policy.decode(latents),
+            images=torch.cat([policy.decode(c) for c in self._chunks(latents)]),
             group_size=g,
-            attention=torch.stack(maps).mean(0) if attention else None,
+            attention=self._mean_attention(maps, n) if attention else None,
             regions=regions,
         )
 
+    def velocity(self, policy: "EditPolicy", x: Tensor, sigma: Tensor, cond: "Condition") -> Tensor:
+        """`policy.velocity` over all rows of x [N, C, h, w], `micro_batch_size` rows a call."""
+        if self.micro_batch_size is None or x.shape[0] <= self.micro_batch_size:
+            return policy.velocity(x, sigma, cond)
+        parts = [
+            policy.velocity(x[rows], sigma[rows], cond[rows])
+            for rows in self._row_slices(x.shape[0])
+        ]
+        return torch.cat(parts)
+
+    def _row_slices(self, n: int) -> list[slice]:
+        m = self.micro_batch_size or n
+        return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+    def _chunks(self, x: Tensor) -> list[Tensor]:
+        return [x[rows] for rows in self._row_slices(x.shape[0])]
+
+    def _mean_attention(self, maps: list[Tensor], n: int) -> Tensor:
+        """[N, L, rows, cols]: the captured maps (one per velocity call, so one per chunk of a
+        step) joined per step and averaged over the steps."""
+        chunks = len(self._row_slices(n))
+        steps = [torch.cat(maps[i : i + chunks]) for i in range(0, len(maps), chunks)]
+        return torch.stack(steps).mean(0)
+
     def rescore(self, policy: "EditPolicy", record: RolloutRecord, rows: Tensor, k: int) -> SDEStep:
         """Stored step k of `rows` under `policy` as it is now (with grad, unless the caller
-        disables it): per-element log-prob of the recorded transition, mean and std."""
+        disables it): per-element log-prob of the recorded transition, mean and std. The
+        update calls it per micro-batch of rows, so it is not chunked here."""
         x = record.states[rows, k]
         sigma = record.sigmas[k].expand(x.shape[0])
         v = policy.velocity(x.to(policy.latent_dtype), sigma, record.condition[rows])
@@ -200,5 +244,6 @@ class RolloutSampler:
             self.noise_level,
             sigma_max=sigma_max,
             reduction="none",
+            validate=False,  # the plan was checked against the schedule (no host sync)
             **kwargs,
         )

@@ -69,11 +69,14 @@ def sde_step(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     sigma_max: Tensor | None = None,
+    validate: bool = True,
 ) -> SDEStep:
     """One SDE step from x at sigma to sigma_next; sigma, sigma_next are [N] or scalars.
 
     With `prev_sample`, no noise is drawn: the step scores that sample (the training-time
     recomputation of a rollout's log-probability under the current policy).
+    `validate` checks sigma_next > 0, which reads a value back from the device (a host sync);
+    the rollout sampler checks its plan against the schedule once instead and passes False.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -82,7 +85,7 @@ def sde_step(
     sigma_next = (
         torch.as_tensor(sigma_next, device=x.device).float().expand(x.shape[0]).reshape(shape)
     )
-    if torch.any(sigma_next <= 0):
+    if validate and torch.any(sigma_next <= 0):
         raise ValueError("the SDE step to sigma = 0 is degenerate; use the ODE step there")
     xf, vf = x.float(), v.float()
     dt = sigma_next - sigma

@@ -1,0 +1,63 @@
+"""The phases of a training step (sampling, rewards, update), announced and timed.
+
+A stage announces each phase to every callback that has a `set_phase(phase)` method (the
+phase progress bar shows it, `lit_grpo.callbacks.ThroughputMonitor` times and counts FLOPs
+by it), and "idle" whenever no phase runs: when the step is done, and in GRPO between the
+rewards and the update, while the host reads whether anything trains (the one value a step
+reads back before it logs). `PhaseClock` measures the phases for the module's own
+`time/{phase}` logs.
+
+On a GPU the host runs ahead of the device (nothing in a step waits for it), so a wall
+clock around a phase would measure how long it took to queue its kernels. `PhaseClock`
+therefore records CUDA events there and reads them when the step is logged; on the CPU,
+where every op finishes before the next starts, it reads the wall clock.
+"""
+
+import time
+
+import torch
+
+
+class PhaseClock:
+    """Seconds per phase: CUDA events on a CUDA device (read by `seconds`, once the step is
+    over), `time.perf_counter` elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: dict[str, tuple] = {}
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self, phase: str) -> None:
+        self.marks[phase] = (self._now(), None)
+
+    def stop(self, phase: str) -> None:
+        self.marks[phase] = (self.marks[phase][0], self._now())
+
+    def seconds(self) -> dict[str, float]:
+        """Every stopped phase's duration; on a GPU this waits for the last one to finish."""
+        out = {}
+        for phase, (begin, end) in self.marks.items():
+            if end is None:
+                continue
+            if self.cuda:
+                end.synchronize()
+                out[phase] = begin.elapsed_time(end) / 1000.0
+            else:
+                out[phase] = end - begin
+        return out
+
+
+def announce_phase(trainer, phase: str) -> None:
+    """Tell every callback of `trainer` with a `set_phase` method that `phase` starts."""
+    if trainer is None:
+        return
+    for callback in trainer.callbacks:
+        set_phase = getattr(callback, "set_phase", None)
+        if callable(set_phase):
+            set_phase(phase)

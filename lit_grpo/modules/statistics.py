@@ -1,0 +1,56 @@
+"""What a GRPO step logs about its rewards and advantages, as tensor ops.
+
+Masked reductions instead of boolean indexing (`x[torch.isfinite(x)]`) and branches on
+counts: both would read a value back from the device. The results stay 0-d tensors until
+the step logs them.
+"""
+
+import torch
+from torch import Tensor
+
+from lit_grpo.modules.objectives import Advantages
+from lit_grpo.rewards.scoring import Scores
+
+
+def step_statistics(scores: Scores, adv: Advantages) -> dict[str, Tensor]:
+    """Reward mean / std per reward and sub-score and of the total, advantage statistics over
+    the valid rollouts, the zero-spread fraction, dropped samples, and whether nothing
+    trained (`train/skipped`)."""
+    total = scores.total
+    valid = adv.valid.float()
+    values = adv.values.float()
+    n_valid = valid.sum()
+    adv_mean = (values * valid).sum() / n_valid.clamp_min(1)
+    adv_var = (((values - adv_mean) * valid) ** 2).sum() / (n_valid - 1).clamp_min(1)
+    log = {f"reward/{k}": nanmean(v) for k, v in scores.parts.items()}
+    log.update({f"reward_std/{k}": nanstd(v) for k, v in scores.parts.items()})
+    log.update(
+        {
+            "reward/total": nanmean(total),
+            "reward_std/total": nanstd(total),
+            "adv/mean": adv_mean,
+            "adv/std": torch.where(n_valid > 1, adv_var.sqrt(), 0.0),
+            "adv/abs_max": values.abs().max(),
+            "groups/zero_spread_fraction": adv.zero_spread.float().mean(),
+            "groups/dropped_samples": (~torch.isfinite(total)).sum().float(),
+            "train/skipped": (~adv.valid.any()).float(),
+        }
+    )
+    return log
+
+
+def nanmean(x: Tensor) -> Tensor:
+    """Mean of the finite values (NaN if none)."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, 0.0).sum() / finite.sum()
+
+
+def nanstd(x: Tensor) -> Tensor:
+    """Unbiased std of the finite values (0 with fewer than two)."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    n = finite.sum()
+    mean = torch.where(finite, x, 0.0).sum() / n.clamp_min(1)
+    var = (torch.where(finite, x - mean, 0.0) ** 2).sum() / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), 0.0)
