@@ -420,7 +420,7 @@ def _check_policy_architecture(entry, model, what: str, path) -> None:
     diff = [
         f"{key}: checkpoint {stored[key]} vs config {args[key]}"
         for key in sorted(stored)
-        if key != "vocabulary"
+        if key not in ("vocabulary", "pretrained")  # a folder may move: a location, not a shape
         and key in args
         and args[key] is not None
         and args[key] != stored[key]

@@ -1,7 +1,9 @@
 """`python -m lit_grpo export CKPT OUT`: a lit_grpo checkpoint's policy as a weights file.
 
 The file is a .safetensors with the adapter merged in and the policy's class and config in
-its metadata, loadable with `policy.init_args.weights: OUT` (or `load_policy(OUT)`).
+its metadata, loadable with `policy.init_args.weights: OUT` (or `load_policy(OUT)`). A
+checkpoint of a diffusers policy trained with LoRA holds the adapter alone: the frozen
+weights are read from the pretrained folder it records (or `--pretrained`, if it moved).
 
 `--lora-diffusers` writes the checkpoint's LoRA adapter alone, in the layout diffusers'
 pipelines load with `load_lora_weights` (FLUX.1-Kontext, Qwen-Image-Edit); the policy is
@@ -25,6 +27,11 @@ def main(argv: list[str]) -> int:
         help="write only the LoRA adapter, in diffusers' layout (pipe.load_lora_weights(OUT))",
     )
     parser.add_argument(
+        "--pretrained",
+        help="the policy's local pretrained folder, where it is now (default: the path the "
+        "checkpoint records; its frozen weights are read from there)",
+    )
+    parser.add_argument(
         "--module",
         default="policy.transformer",
         help="with --lora-diffusers: the checkpoint's module that carries the adapter",
@@ -42,7 +49,7 @@ def main(argv: list[str]) -> int:
         return _export_diffusers_lora(args.ckpt, args.out, args.module, args.half)
     from lit_grpo.policies.weights import load_policy, recorded_resolution, save_policy_weights
 
-    policy = load_policy(args.ckpt)
+    policy = load_policy(args.ckpt, **({"pretrained": args.pretrained} if args.pretrained else {}))
     if args.half:
         policy.half()
     path = save_policy_weights(policy, args.out, resolution=recorded_resolution(args.ckpt))

@@ -23,7 +23,12 @@ from lit_grpo.modules.sharding import ShardingSettings, is_sharded, shard_policy
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
 from lit_grpo.policies.lora import LoraSettings
-from lit_grpo.policies.weights import policy_checkpoint_entry, sharded_checkpoint_entry
+from lit_grpo.policies.weights import (
+    IncompatibleWeightsError,
+    adapter_checkpoint_entry,
+    policy_checkpoint_entry,
+    sharded_checkpoint_entry,
+)
 
 
 class PolicyStage(L.LightningModule):
@@ -132,6 +137,35 @@ class PolicyStage(L.LightningModule):
             # (LoraExporter writes the gathered adapter); the entry still names the policy
             checkpoint["lit_grpo_policy"] = sharded_checkpoint_entry(self.policy)
             return
+        if self.policy.frozen_from_source:
+            # the frozen transformer and VAE are the pretrained folder's: not saved, and
+            # reloaded from the policy as built (`load_state_dict`); the entry names the
+            # folder and holds the adapter instead of a merged copy
+            frozen = {f"policy.{k}" for k in self.policy.source_state_keys()}
+            for key in ("state_dict", "current_model_state"):  # the latter: WeightAveraging's
+                if key in checkpoint:
+                    checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k not in frozen}
+            checkpoint["lit_grpo_policy"] = adapter_checkpoint_entry(
+                self.policy, checkpoint["state_dict"]
+            )
+            return
         checkpoint["lit_grpo_policy"] = policy_checkpoint_entry(
             self.policy, checkpoint["state_dict"]
         )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, except that a policy whose frozen weights come from its pretrained
+        folder (`frozen_from_source`) takes those from itself as built when the state lacks
+        them (its checkpoints do not hold them); any other missing key is still an error."""
+        if self.policy.frozen_from_source:
+            live = self.policy.state_dict(prefix="policy.")
+            frozen = {f"policy.{k}" for k in self.policy.source_state_keys()}
+            state_dict = {**{k: live[k] for k in frozen if k not in state_dict}, **state_dict}
+            missing = [k for k in live if k not in state_dict]
+            if strict and missing:
+                raise IncompatibleWeightsError(
+                    f"the checkpoint lacks {len(missing)} weights of the policy that its "
+                    f"pretrained folder does not hold (e.g. {missing[0]}): it was written by "
+                    "a run with other lora settings; resume with that run's lora settings"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -213,6 +213,21 @@ class EditPolicy(nn.Module, ABC):
     def has_lora(self) -> bool:
         return has_lora(self.denoiser)
 
+    # --- what a checkpoint must hold -----------------------------------------------------------
+    @property
+    def frozen_from_source(self) -> bool:
+        """Whether the constructor reloads every frozen weight from local files (a diffusers
+        policy built from its `pretrained` folder alone, with a LoRA adapter). A stage's
+        checkpoints then leave those weights (`source_state_keys`) out and keep the rest.
+        False here: a checkpoint holds every weight."""
+        return False
+
+    def source_state_keys(self) -> set[str]:
+        """The `state_dict` keys whose tensors the constructor reloads from its source: the
+        frozen parameters and the buffers (never the LoRA adapter, never a trainable one)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k not in trainable and "lora_" not in k}
+
     @contextmanager
     def reference(self) -> Iterator[None]:
         """The reference policy for KL: the same network with the adapter switched off."""

@@ -240,7 +240,15 @@ class DiffusersEditPolicy(EditPolicy):
         self.config = dict(config or {})
         self.recorder = AttentionRecorder()
         self._capturing: list[Tensor] | None = None
+        self.built_from_folder = False  # the constructors set it: `pretrained` alone, no `weights`
         self.checkpoint_activations(gradient_checkpointing)
+
+    @property
+    def frozen_from_source(self) -> bool:
+        """True when the policy was built from its `pretrained` folder alone (no `weights`
+        file merged over it) and carries a LoRA adapter: the frozen transformer and VAE are
+        then the folder's, and checkpoints hold the adapter only (docs/backbones.md)."""
+        return self.built_from_folder and self.has_lora
 
     @property
     def denoiser(self) -> nn.Module:

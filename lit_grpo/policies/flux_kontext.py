@@ -108,7 +108,9 @@ class FluxKontextPolicy(DiffusersEditPolicy):
             "cpu" (saves ~10 GB of GPU memory; each instruction is encoded once anyway).
         max_sequence_length: T5 tokens (512 in the pipeline; shorter is faster).
         gradient_checkpointing: recompute each transformer block in the backward pass.
-        weights: a lit_grpo weights file of this policy (`export`), loaded over the folder's.
+        weights: a lit_grpo weights file or checkpoint of this policy, loaded over the
+            folder's (checkpoints of a policy built so keep every weight; without it they
+            keep the LoRA adapter only: docs/backbones.md).
     """
 
     lora_targets = [
@@ -149,6 +151,7 @@ class FluxKontextPolicy(DiffusersEditPolicy):
             gradient_checkpointing,
             config,
         )
+        self.built_from_folder = weights is None  # else checkpoints keep every weight
         if weights is not None:
             load_policy_weights(self, weights)
 

@@ -131,6 +131,45 @@ def merged_state_dict(module: nn.Module) -> dict:
                 p.copy_(original)
 
 
+def peft_settings(module: nn.Module) -> dict:
+    """The adapter `module` carries, as `LoraSettings` fields (rank, alpha, targets, dropout)."""
+    c = module.peft_config["default"]
+    return {
+        "rank": c.r,
+        "alpha": c.lora_alpha,
+        "target_modules": sorted(c.target_modules),
+        "dropout": c.lora_dropout,
+    }
+
+
+def merge_lora_tensors(module: nn.Module, tensors: dict, rank: int, alpha: float) -> None:
+    """Fold adapter `tensors` (peft's state-dict keys `<layer>.lora_A.default.weight` and
+    `lora_B`) into the linear layers of `module`, which carries no adapter: `W += (alpha /
+    rank) B A`, the same operations as peft's `merge`, so the result equals what
+    `merged_state_dict` gives on the adapted module."""
+    layers = sorted({k.split(".lora_")[0] for k in tensors})
+    for name in layers:
+        a = tensors.get(f"{name}.lora_A.default.weight")
+        b = tensors.get(f"{name}.lora_B.default.weight")
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if a is None or b is None or not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"adapter layer {name!r}: expected lora_A and lora_B weights of a linear "
+                f"layer of {type(module).__name__}"
+            )
+        if layer.weight.shape != (b.shape[0], a.shape[1]):
+            raise ValueError(
+                f"adapter layer {name!r} is {b.shape[0]}x{a.shape[1]}, the layer "
+                f"{tuple(layer.weight.shape)}"
+            )
+        with torch.no_grad():
+            delta = (b.to(layer.weight.device) @ a.to(layer.weight.device)) * (alpha / rank)
+            layer.weight.data += delta
+
+
 def lora_file_settings(path: str) -> LoraSettings:
     """The adapter settings a `LoraExporter` file records in its metadata."""
     import json

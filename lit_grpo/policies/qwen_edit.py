@@ -114,7 +114,9 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         negative_prompt: the negative prompt of true CFG (" " as in Qwen's examples).
         text_device: where the frozen Qwen2.5-VL runs: "model" or "cpu".
         gradient_checkpointing: recompute each transformer block in the backward pass.
-        weights: a lit_grpo weights file of this policy (`export`), loaded over the folder's.
+        weights: a lit_grpo weights file or checkpoint of this policy, loaded over the
+            folder's (checkpoints of a policy built so keep every weight; without it they
+            keep the LoRA adapter only: docs/backbones.md).
     """
 
     lora_targets = [
@@ -150,6 +152,7 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
             gradient_checkpointing,
             config,
         )
+        self.built_from_folder = weights is None  # else checkpoints keep every weight
         if weights is not None:
             load_policy_weights(self, weights)
 

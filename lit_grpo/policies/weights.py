@@ -4,7 +4,10 @@ Formats:
 - `.safetensors` written by `save_policy_weights`: the merged (adapter-free) state dict and,
   in the metadata, the policy class and its constructor config, so an incompatible file is
   named as such instead of failing deep inside `load_state_dict`;
-- a Lightning `.ckpt` of a lit_grpo stage (its `lit_grpo_policy` entry, written by the stage);
+- a Lightning `.ckpt` of a lit_grpo stage (its `lit_grpo_policy` entry, written by the stage:
+  the merged policy, or for a policy whose frozen weights come from its pretrained folder
+  (`EditPolicy.frozen_from_source`) the LoRA adapter alone, merged over the folder's
+  weights when loaded);
 - a built-in name: a file shipped in `lit_grpo/weights/` (see `BUILTIN`).
 """
 
@@ -19,6 +22,10 @@ from lit_grpo.checks import ConfigError, is_distributed_checkpoint, read_checkpo
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BUILTIN = {"shapeworld-sft": WEIGHTS_DIR / "shapeworld_sft.safetensors"}
+
+
+# constructor values that say where files are, not what the policy is: a folder may move
+LOCATIONS = ("pretrained",)
 
 
 class IncompatibleWeightsError(ConfigError):
@@ -93,6 +100,27 @@ def sharded_checkpoint_entry(policy: nn.Module) -> dict:
     }
 
 
+def adapter_checkpoint_entry(
+    policy: nn.Module, module_state: dict, prefix: str = "policy."
+) -> dict:
+    """The `lit_grpo_policy` entry of a policy whose frozen weights come from its pretrained
+    folder (`EditPolicy.frozen_from_source`): its class and config (the folder's path
+    included), the adapter's settings, and the policy's part of `module_state` (the
+    checkpoint's `state_dict`, from which the stage has dropped the frozen weights: the
+    adapter, unmerged, and anything else the folder does not hold). `load_policy_weights`
+    merges the adapter into the folder's weights."""
+    from lit_grpo.policies.lora import peft_settings
+
+    return {
+        "class": type(policy).__name__,
+        "config": getattr(policy, "config", {}),
+        "state_dict": {
+            k[len(prefix) :]: v for k, v in module_state.items() if k.startswith(prefix)
+        },
+        "lora": peft_settings(policy.denoiser),
+    }
+
+
 def save_policy_weights(policy: nn.Module, path: str | Path, resolution: int | None = None) -> Path:
     """`resolution`: the image side the policy was trained at, recorded for `edit`."""
     from safetensors.torch import save_file
@@ -130,7 +158,15 @@ def recorded_resolution(weights: str) -> tuple[int, int] | None:
 
 
 def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
-    """(state dict, constructor config, class name) stored in a weights file or checkpoint."""
+    """(state dict, constructor config, class name) stored in a weights file or checkpoint
+    (of a checkpoint that holds the adapter alone: the adapter's tensors, unmerged)."""
+    entry = _read_entry(weights)
+    return entry["state_dict"], entry["config"], entry["class"]
+
+
+def _read_entry(weights: str) -> dict:
+    """A weights file or checkpoint as a `lit_grpo_policy` entry: state_dict, config, class,
+    and lora (the adapter's settings where the state is an adapter to merge; else None)."""
     path = resolve_weights_path(weights)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -142,8 +178,8 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a corrupt file
             raise IncompatibleWeightsError(f"could not read weights file {path}: {err}") from err
-        config = json.loads(meta.get("config", "{}"))
-        cls = meta.get("class")
+        entry = {"state_dict": state, "config": json.loads(meta.get("config", "{}"))}
+        entry["class"] = meta.get("class")
     else:
         try:
             ckpt = read_checkpoint(path, "checkpoint")
@@ -155,31 +191,51 @@ def read_policy_file(weights: str) -> tuple[dict, dict, str | None]:
                 f"{path} holds no lit_grpo policy (no 'lit_grpo_policy' entry): it was not "
                 "written by a lit_grpo stage"
             )
-        state, config, cls = entry["state_dict"], entry["config"], entry["class"]
-        if state is None:
+        if entry["state_dict"] is None:
             raise IncompatibleWeightsError(
                 f"{path} was written under sharding and holds no full copy of the policy; "
                 "start from the base weights and the run's LoRA export (lora.init_from)"
             )
-    return state, config, cls
+    return {"lora": None, **entry}
 
 
-def load_policy(weights: str) -> nn.Module:
-    """Build the policy a weights file describes and load it (no config needed)."""
+def load_policy(weights: str, **overrides) -> nn.Module:
+    """Build the policy a weights file describes and load it (no config needed);
+    `overrides` replace stored constructor values (`pretrained`: where the folder is now)."""
     from lit_grpo import policies
 
     _, config, cls = read_policy_file(weights)
     factory = getattr(policies, cls or "", None)
     if factory is None:
         raise IncompatibleWeightsError(f"{weights} holds weights of unknown policy class {cls!r}")
-    return factory(**config, weights=weights)
+    return factory(**{**config, **overrides}, weights=weights)
 
 
 def load_policy_weights(policy: nn.Module, weights: str) -> None:
     path = resolve_weights_path(weights)
-    state, config, cls = read_policy_file(weights)
-    _check_compatible(policy, path, cls, config)
+    entry = _read_entry(weights)
+    state, lora = entry["state_dict"], entry["lora"]
+    _check_compatible(policy, path, entry["class"], entry["config"])
+    frozen: set[str] = set()
+    if lora is not None:  # the adapter alone: merge it into the folder's weights
+        from lit_grpo.policies.lora import has_lora, merge_lora_tensors
+
+        if has_lora(policy):
+            raise IncompatibleWeightsError(
+                f"{path} holds a LoRA adapter to merge into the policy's pretrained weights; "
+                "load it before the policy gets its own adapter"
+            )
+        adapter = {k: v for k, v in state.items() if "lora_" in k}
+        try:
+            merge_lora_tensors(policy, adapter, lora["rank"], lora["alpha"])
+        except ValueError as err:
+            raise IncompatibleWeightsError(
+                f"{path} does not fit {type(policy).__name__}: {err}"
+            ) from None
+        state = {k: v for k, v in state.items() if "lora_" not in k}
+        frozen = policy.source_state_keys()  # from the pretrained folder, as built
     missing, unexpected = policy.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
         raise IncompatibleWeightsError(
             f"{path} does not fit {type(policy).__name__}: missing {missing[:5]}, "
@@ -194,7 +250,11 @@ def _check_compatible(policy: nn.Module, path: Path, cls: str | None, config: di
             "policy class_path in the config"
         )
     mine = getattr(policy, "config", {})
-    differ = {k: (config[k], mine[k]) for k in config if k in mine and config[k] != mine[k]}
+    differ = {
+        k: (config[k], mine[k])
+        for k in config
+        if k in mine and k not in LOCATIONS and config[k] != mine[k]
+    }
     if differ:
         lines = ", ".join(
             f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in differ.items() if k != "vocabulary"
