@@ -1,7 +1,8 @@
 """FLUX.1-Kontext and Qwen-Image-Edit policies on tiny random diffusers models (CPU).
 
 The tiny configurations follow diffusers' own pipeline tests; the text encoders are replaced
-by `WordEmbedder` (the real ones load from a local folder, which CPU tests cannot have)."""
+by `WordEmbedder` (the real ones, loaded from a local folder, are tested on tiny random
+encoders in test_backbone_files.py and test_qwen_text.py)."""
 
 import copy
 
