@@ -156,33 +156,20 @@ def load_clip_scorer(
     model: str, pretrained: str | os.PathLike, prompt: str = "a photo of a {}."
 ) -> ClipCropScorer:
     """A `ClipCropScorer` over open_clip `model` (an architecture name, or the path of a model
-    config .json) with the weights of a local file."""
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"CLIP weights not found: {path.resolve()}. `clip_checkpoint` must be a local "
-            f"weights file for {model!r} (e.g. open_clip_pytorch_model.bin); lit_grpo never "
-            "downloads weights"
-        )
-    import open_clip  # 8 s to import: only when a real-image segmenter is built
+    config .json) with the weights of a local file (loaded by `perception.clip`)."""
+    from lit_grpo.perception.clip import load_open_clip
 
-    name = model
-    if model.endswith(".json"):
-        config = Path(model).expanduser()
-        if not config.is_file():
-            raise FileNotFoundError(f"open_clip model config not found: {config.resolve()}")
-        open_clip.add_model_config(config)  # registered under the file's stem
-        name = config.stem
-    elif model not in open_clip.list_models():
-        raise ConfigError(
-            f"unknown open_clip architecture {model!r}: a name from open_clip.list_models() "
-            "or the path of a model-config .json"
-        )
-    net, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(path))
-    cfg = open_clip.get_model_preprocess_cfg(net)
-    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+    try:
+        clip = load_open_clip(model, pretrained)
+    except ValueError as err:  # an unknown architecture: the user's config
+        raise ConfigError(str(err)) from None
     return ClipCropScorer(
-        net, open_clip.get_tokenizer(name), tuple(size), cfg["mean"], cfg["std"], prompt
+        clip.net,
+        clip.tokenize,
+        clip.size,
+        clip.mean.flatten().tolist(),
+        clip.std.flatten().tolist(),
+        prompt,
     )
 
 
