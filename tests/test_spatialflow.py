@@ -124,3 +124,79 @@ def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
     assert stats["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
     # float32 sums: the difference of two losses carries their rounding, hence rel 1e-3
     assert (with_kl - without).item() == pytest.approx(0.5 * kl.item(), rel=1e-3)
+
+
+def test_region_mean_by_hand():
+    from lit_grpo.modules.objectives import region_mean
+
+    per_token = torch.tensor([[2.0, 4.0, 6.0, 10.0]])
+    cover = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 1.0]]])
+    # region means: 3 and (0.5 * 6 + 10) / 1.5 = 26 / 3; weights 0 and 1: the second alone
+    assert region_mean(per_token, cover, torch.tensor([0.0, 1.0])).item() == pytest.approx(26 / 3)
+    assert region_mean(per_token, cover, torch.tensor([1.0, 2.0])).item() == pytest.approx(
+        (3 + 2 * 26 / 3) / 3
+    )
+
+
+def test_unmoved_edit_has_the_instructed_place_in_its_edit_region():
+    # an edit that leaves the scene as it was: the object's old place is the only place it
+    # is drawn, and the instructed place is background unless the target region is added
+    batch = scenes()
+    segmenter = ColourSegmenter()
+    with_target = Scorer([RegionReward([TranslationReward()])], segmenter)
+    without = Scorer([RegionReward([TranslationReward()], target=False)], segmenter)
+    masks = with_target(batch["source"], batch).regions["regions"].region_masks
+    old = without(batch["source"], batch).regions["regions"].region_masks
+    # the instructed place: where the true edit draws the object, minus its old place
+    true_edit = without(batch["target"], batch).regions["regions"].region_masks[:, 0] > 0
+    new_place = true_edit & ~(old[:, 0] > 0)
+    assert new_place.flatten(1).sum(1).min() > 0
+    assert not (old[:, 0] > 0)[new_place].any()  # before: background or others
+    assert (masks[:, 0] > 0)[new_place].float().mean() > 0.95  # now: the edit region
+    assert torch.equal(masks.sum(1), torch.ones(8, 32, 32))  # still a partition
+    assert with_target.rewards[0].move_fraction == 0.25  # the translation reward's
+
+
+def test_region_kl_is_the_per_token_kl_over_the_chosen_regions():
+    torch.manual_seed(0)
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    for p in policy.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    kwargs = dict(lora=LoraSettings(rank=4, alpha=4), group_size=4, sample_steps=4, eval_steps=2)
+    module = SpatialFlowGRPOModule(
+        policy,
+        [RegionReward([TranslationReward()])],
+        kl_beta=2.0,
+        kl_region_weights=[0.0, 1.0, 3.0],
+        **kwargs,
+    )
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1.0)
+    data = ShapeWorld("train", 2, 16, ("translate",), objects=(2, 3))
+    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
+    record = module.sample(batch, torch.Generator().manual_seed(0))
+    _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
+    rows = torch.arange(len(record))
+    _, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    with torch.no_grad():
+        step = module.sampler.rescore(module.policy, record, rows, 0)
+        with module.policy.reference():
+            ref = module.sampler.rescore(module.policy, record, rows, 0)
+    # by hand: per element, per 4x4-pixel token (the tiny editor's latent is the image)
+    sq = (step.mean - ref.mean) ** 2 / (2 * step.diffusion.view(-1, 1, 1, 1) ** 2)
+    per_token = sq.mean(1).unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2)).flatten(1)  # [8, 16]
+    cover = targets.cover
+    means = (cover * per_token[:, None]).sum(-1) / cover.sum(-1).clamp_min(1e-8)  # [8, 3]
+    w = torch.tensor([0.0, 1.0, 3.0]) * (cover.sum(-1) > 0)
+    expected = ((w * means).sum(1) / w.sum(1) * targets.valid).sum() / targets.denominator
+    assert expected > 0
+    assert stats["kl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # whole-image KL when no region weights are given
+    module.updater.kl_region_weights = None
+    _, whole = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    full = (sq.flatten(1).mean(1) * targets.valid).sum() / targets.denominator
+    assert whole["kl"].item() == pytest.approx(full.item(), rel=1e-5)
+    module.updater.kl_region_weights = [1.0, 1.0]
+    with pytest.raises(ValueError, match="2 kl_region_weights for 3 regions"):
+        module.updater.step_loss(module, module.sampler, record, targets, rows, 0)

@@ -160,8 +160,15 @@ def kl_to_reference(mean: Tensor, ref_mean: Tensor, diffusion: Tensor) -> Tensor
     (diffusion^2 * (-dt)) instead, i.e. it is this value / (-dt) (10x at 10 uniform steps):
     a beta tuned on the exact KL converts to this one by multiplying it by 1 / (-dt).
     """
-    sq = ((mean.float() - ref_mean.float()) ** 2).flatten(1).mean(1)
-    return sq / (2 * diffusion.float().flatten() ** 2)
+    return kl_elements(mean, ref_mean, diffusion).flatten(1).mean(1)
+
+
+def kl_elements(mean: Tensor, ref_mean: Tensor, diffusion: Tensor) -> Tensor:
+    """`kl_to_reference` before the mean over elements: (mean - ref_mean)^2 / (2 diffusion^2)
+    per element, shaped as `mean` ([N, ...]; `diffusion` [N] or one value per row)."""
+    sq = (mean.float() - ref_mean.float()) ** 2
+    sigma = diffusion.float().flatten().view(-1, *([1] * (sq.ndim - 1)))
+    return sq / (2 * sigma**2)
 
 
 def gathered_group_advantages(
@@ -220,6 +227,16 @@ def region_weighted_loss(
     `clipped_policy_loss`).
     """
     per_token, stats = _clipped_terms(log_prob, old_log_prob, advantages, clip_range)
+    per_row = region_mean(per_token, cover, region_weights)  # [N]
+    rw = torch.ones_like(per_row) if row_weights is None else row_weights.to(per_row)
+    norm = rw.sum() if denominator is None else torch.as_tensor(denominator).to(per_row)
+    return (per_row * rw).sum() / norm.clamp_min(1e-8), stats
+
+
+def region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
+    """Per row [N]: the `region_weights`-weighted mean, over the regions present in the row,
+    of each region's cover-weighted mean over its tokens (per_token [N, T], cover [N, R, T],
+    region_weights [R]). The aggregation of `region_weighted_loss` and of the region KL."""
     if cover.shape[0] != per_token.shape[0] or cover.shape[2] != per_token.shape[1]:
         raise ValueError(
             f"cover {tuple(cover.shape)} does not match tokens {tuple(per_token.shape)}"
@@ -227,10 +244,7 @@ def region_weighted_loss(
     size = cover.sum(-1)  # [N, R]
     per_region = (cover * per_token[:, None]).sum(-1) / size.clamp_min(1e-8)
     w = region_weights.to(per_region)[None] * (size > 0)  # [N, R]
-    per_row = (w * per_region).sum(-1) / w.sum(-1).clamp_min(1e-8)  # [N]
-    rw = torch.ones_like(per_row) if row_weights is None else row_weights.to(per_row)
-    norm = rw.sum() if denominator is None else torch.as_tensor(denominator).to(per_row)
-    return (per_row * rw).sum() / norm.clamp_min(1e-8), stats
+    return (w * per_region).sum(-1) / w.sum(-1).clamp_min(1e-8)
 
 
 def _clipped_terms(

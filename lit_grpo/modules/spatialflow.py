@@ -18,12 +18,21 @@ the update when its total reward is finite and at least one of its regions has s
 group; a region with no spread in a group gets advantage 0 there. `kl_beta` > 0 adds
 Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the whole image, per
 sample as in `GRPOModule`; the paper summary names no KL term, so this is ours.
+`kl_region_weights` (ours too) confines the KL to regions: per token, aggregated region by
+region as the loss is; [0, 1, 1] holds the other objects and the background to the SFT editor
+and leaves the edit region free.
 """
 
 import torch
 
 from lit_grpo.modules.grpo import GRPOModule
-from lit_grpo.modules.objectives import Advantages, region_weighted_loss, token_advantages
+from lit_grpo.modules.objectives import (
+    Advantages,
+    kl_elements,
+    region_mean,
+    region_weighted_loss,
+    token_advantages,
+)
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.rewards.scoring import Scores
 from lit_grpo.sampling.flow import host_to_device
@@ -33,9 +42,23 @@ from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 class SpatialFlowUpdate(ClippedUpdate):
     """`ClippedUpdate` with the per-token, region-weighted loss (see module docstring)."""
 
-    def __init__(self, *args, region_weights: list[float] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        region_weights: list[float] | None = None,
+        kl_region_weights: list[float] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.region_weights = region_weights
+        self.kl_region_weights = kl_region_weights
+
+    @staticmethod
+    def _weights(weights: list[float] | None, regions: int, name: str, device) -> torch.Tensor:
+        weights = [1.0] * regions if weights is None else weights
+        if len(weights) != regions:
+            raise ValueError(f"{len(weights)} {name} for {regions} regions")
+        return host_to_device(torch.tensor(weights, dtype=torch.float32), device)  # no sync
 
     def step_loss(self, module, sampler: RolloutSampler, record, targets, rows, k):
         step = sampler.rescore(module.policy, record, rows, k)
@@ -43,15 +66,12 @@ class SpatialFlowUpdate(ClippedUpdate):
         new = module.policy.latent_to_tokens(step.log_prob, size)  # [n, T]
         old = module.policy.latent_to_tokens(record.log_prob_elements[rows, k], size)
         cover = targets.cover[rows]  # [n, R, T]
-        weights = self.region_weights or [1.0] * cover.shape[1]
-        if len(weights) != cover.shape[1]:
-            raise ValueError(f"{len(weights)} region_weights for {cover.shape[1]} regions")
         loss, s = region_weighted_loss(
             new,
             old,
             targets.tokens[rows],
             cover,
-            host_to_device(torch.tensor(weights), new.device),  # no host sync
+            self._weights(self.region_weights, cover.shape[1], "region_weights", new.device),
             self.clip_range,
             targets.valid[rows].float(),
             targets.denominator,
@@ -62,8 +82,29 @@ class SpatialFlowUpdate(ClippedUpdate):
             "clip_fraction": s.clip_fraction,
             "ratio": s.ratio_mean,
         }
-        # the KL to the SFT reference over the whole image, as in Flow-GRPO (not per region)
         return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
+
+    def add_kl(self, module, sampler, record, targets, rows, k, step, loss, stats):
+        """Without `kl_region_weights`, Flow-GRPO's KL over the whole image (the base's);
+        with them, the per-token KL aggregated over the regions as the loss is."""
+        if self.kl_beta <= 0 or self.kl_region_weights is None:
+            return super().add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
+        with torch.no_grad(), module.policy.reference():
+            ref = sampler.rescore(module.policy, record, rows, k)
+        size = tuple(record.images.shape[-2:])
+        per_token = module.policy.latent_to_tokens(
+            kl_elements(step.mean, ref.mean, step.diffusion), size
+        )  # [n, T]
+        cover = targets.cover[rows]
+        weights = self._weights(
+            self.kl_region_weights, cover.shape[1], "kl_region_weights", per_token.device
+        )
+        kl = region_mean(per_token, cover, weights)  # [n]
+        kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
+        loss = loss + self.kl_beta * kl
+        stats["loss"] = loss.detach()
+        stats["kl"] = kl.detach()
+        return loss, stats
 
 
 class SpatialFlowGRPOModule(GRPOModule):
@@ -73,6 +114,9 @@ class SpatialFlowGRPOModule(GRPOModule):
         region_reward: the name of the reward whose region scores train (default: the one
             reward that returns regions).
         region_weights: the weight of each of its regions in the aggregation (equal if None).
+        kl_region_weights: with `kl_beta` > 0, the KL's weight in each region, aggregated as
+            the loss is (e.g. [0, 1, 1]: others and background only); None: the KL over the
+            whole image, per sample, as in Flow-GRPO.
     """
 
     def __init__(
@@ -80,6 +124,7 @@ class SpatialFlowGRPOModule(GRPOModule):
         *args,
         region_reward: str | None = None,
         region_weights: list[float] | None = None,
+        kl_region_weights: list[float] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -92,6 +137,7 @@ class SpatialFlowGRPOModule(GRPOModule):
             hp.max_grad_norm,
             hp.micro_batch_size,
             region_weights=region_weights,
+            kl_region_weights=kl_region_weights,
         )
         self.region_reward = region_reward
 
