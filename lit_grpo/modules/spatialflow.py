@@ -20,7 +20,10 @@ Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the whole imag
 sample as in `GRPOModule`; the paper summary names no KL term, so this is ours.
 `kl_region_weights` (ours too) confines the KL to regions: per token, aggregated region by
 region as the loss is; [0, 1, 1] holds the other objects and the background to the SFT editor
-and leaves the edit region free.
+and leaves the edit region free. The shipped `configs/spatialflow.yaml` sets region_weights
+[1, 0, 0] and this KL on [0, 1, 1]: measured on ShapeWorld (docs/benchmarks.md, session 5),
+the background's and other objects' own advantages neither held the scene nor let the edit
+learn as fast, and the KL did hold it.
 """
 
 import torch
