@@ -28,17 +28,19 @@ class HandOff(torch.nn.Module):
 
     @torch.no_grad()
     def edit(self, source, instructions, steps=10, shift=1.0, generator=None):
-        from lit_grpo.sampling.flow import ode_step, randn_like, sigma_schedule
+        from lit_grpo.sampling.flow import randn_like
+        from lit_grpo.sampling.ode import sample_ode
 
         fns = [
             p.velocity_fn(p.encode_condition(source, instructions)) for p in (self.first, self.rest)
         ]
-        x = randn_like(self.first.encode_images(source), generator)
-        sigmas = sigma_schedule(steps, shift, device=x.device)
-        for i in range(steps):
-            v = fns[0 if i < self.k else 1](x, sigmas[i].expand(x.shape[0]))
-            x = ode_step(x, v, sigmas[i], sigmas[i + 1])
-        return self.first.decode(x)
+        calls = iter(range(steps))  # sample_ode calls the velocity once per step, in order
+
+        def velocity(x, sigma):
+            return fns[0 if next(calls) < self.k else 1](x, sigma)
+
+        noise = randn_like(self.first.encode_images(source), generator)
+        return self.first.decode(sample_ode(velocity, noise, steps, shift))
 
 
 def main(argv=None) -> int:

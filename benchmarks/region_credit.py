@@ -72,7 +72,7 @@ def main() -> None:
                 torch.as_tensor(batch["angle"]).float(),
                 torch.as_tensor(batch["factor"]).float(),
                 tuple(batch["source"].shape[-2:]),
-                0.25,
+                region_reward.move_fraction,
             )
             & ~before.mask.bool()
         )

@@ -94,14 +94,16 @@ def test_one_spatialflow_step_trains_the_lora_from_token_advantages():
     )
 
 
-def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
+def kl_setup(**module_kwargs):
+    """A tiny SpatialFlow module whose adapter is off the reference, one rollout batch of it,
+    its targets and every row."""
     torch.manual_seed(0)
     policy = TinyEditPolicy(width=32, depth=1, heads=2)
     for p in policy.parameters():
         torch.nn.init.normal_(p, std=0.1)
     kwargs = dict(lora=LoraSettings(rank=4, alpha=4), group_size=4, sample_steps=4, eval_steps=2)
     module = SpatialFlowGRPOModule(
-        policy, [RegionReward([TranslationReward()])], kl_beta=0.5, **kwargs
+        policy, [RegionReward([TranslationReward()])], **module_kwargs, **kwargs
     )
     for name, p in module.policy.named_parameters():  # move the adapter off the reference
         if "lora_B" in name:
@@ -110,7 +112,11 @@ def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
     batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     record = module.sample(batch, torch.Generator().manual_seed(0))
     _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
-    rows = torch.arange(len(record))
+    return module, record, targets, torch.arange(len(record))
+
+
+def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
+    module, record, targets, rows = kl_setup(kl_beta=0.5)
     with_kl, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
     module.updater.kl_beta = 0.0
     without, _ = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
@@ -158,26 +164,7 @@ def test_unmoved_edit_has_the_instructed_place_in_its_edit_region():
 
 
 def test_region_kl_is_the_per_token_kl_over_the_chosen_regions():
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    kwargs = dict(lora=LoraSettings(rank=4, alpha=4), group_size=4, sample_steps=4, eval_steps=2)
-    module = SpatialFlowGRPOModule(
-        policy,
-        [RegionReward([TranslationReward()])],
-        kl_beta=2.0,
-        kl_region_weights=[0.0, 1.0, 3.0],
-        **kwargs,
-    )
-    for name, p in module.policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=1.0)
-    data = ShapeWorld("train", 2, 16, ("translate",), objects=(2, 3))
-    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
-    record = module.sample(batch, torch.Generator().manual_seed(0))
-    _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
-    rows = torch.arange(len(record))
+    module, record, targets, rows = kl_setup(kl_beta=2.0, kl_region_weights=[0.0, 1.0, 3.0])
     _, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
     with torch.no_grad():
         step = module.sampler.rescore(module.policy, record, rows, 0)

@@ -87,13 +87,11 @@ class SpatialFlowUpdate(ClippedUpdate):
         }
         return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
 
-    def add_kl(self, module, sampler, record, targets, rows, k, step, loss, stats):
+    def row_kl(self, module, record, targets, rows, step, ref):
         """Without `kl_region_weights`, Flow-GRPO's KL over the whole image (the base's);
         with them, the per-token KL aggregated over the regions as the loss is."""
-        if self.kl_beta <= 0 or self.kl_region_weights is None:
-            return super().add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
-        with torch.no_grad(), module.policy.reference():
-            ref = sampler.rescore(module.policy, record, rows, k)
+        if self.kl_region_weights is None:
+            return super().row_kl(module, record, targets, rows, step, ref)
         size = tuple(record.images.shape[-2:])
         per_token = module.policy.latent_to_tokens(
             kl_elements(step.mean, ref.mean, step.diffusion), size
@@ -102,12 +100,7 @@ class SpatialFlowUpdate(ClippedUpdate):
         weights = self._weights(
             self.kl_region_weights, cover.shape[1], "kl_region_weights", per_token.device
         )
-        kl = region_mean(per_token, cover, weights)  # [n]
-        kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
-        loss = loss + self.kl_beta * kl
-        stats["loss"] = loss.detach()
-        stats["kl"] = kl.detach()
-        return loss, stats
+        return region_mean(per_token, cover, weights)
 
 
 class SpatialFlowGRPOModule(GRPOModule):

@@ -255,12 +255,17 @@ class ClippedUpdate:
             return loss, stats
         with torch.no_grad(), module.policy.reference():
             ref = sampler.rescore(module.policy, record, rows, k)
-        kl = kl_to_reference(step.mean, ref.mean, step.diffusion)  # [n]
+        kl = self.row_kl(module, record, targets, rows, step, ref)  # [n]
         kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
         loss = loss + self.kl_beta * kl
         stats["loss"] = loss.detach()
         stats["kl"] = kl.detach()
         return loss, stats
+
+    def row_kl(self, module, record, targets, rows, step, ref):
+        """The KL of each row [n] between the step's means and the reference's: Flow-GRPO's,
+        over every element (region methods override it)."""
+        return kl_to_reference(step.mean, ref.mean, step.diffusion)
 
 
 def _no_closure() -> None:
