@@ -167,6 +167,25 @@ def batch(n=2):
     return torch.utils.data.default_collate([data[i] for i in range(n)])
 
 
+def test_batch_regions_segment_each_batch_once():
+    from lit_grpo.modules.regions import BatchRegions
+
+    calls = []
+
+    def segmenter(source, objects):
+        calls.append(source)
+        return ColourSegmenter()(source, objects)
+
+    regions = BatchRegions(lambda before, b: before.mask)
+    first, second = batch(), batch(3)
+    before, region = regions(segmenter, first)
+    again, same = regions(segmenter, first)
+    assert len(calls) == 1 and again is before and same is region
+    assert torch.equal(region, before.mask)
+    _, other = regions(segmenter, second)  # a new batch: its own detections
+    assert len(calls) == 2 and other.shape[0] == 3
+
+
 def test_rc_module_samples_in_the_region_and_rewards_see_attention():
     module = tiny_module(RCGRPOModule)
     b = batch()

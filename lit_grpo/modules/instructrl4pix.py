@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lit_grpo.modules.grpo import GRPOModule
 from lit_grpo.modules.objectives import Advantages, batch_advantages
+from lit_grpo.modules.regions import BatchRegions
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
 from lit_grpo.policies.base import EditPolicy
@@ -75,29 +76,27 @@ class InstructRL4PixModule(GRPOModule):
             )
         super().__init__(policy, rewards, **kwargs)
         self.move_fraction = move_fraction
-        self._regions: tuple[Tensor, Detections, Tensor] | None = None
+        self._regions = BatchRegions(self.target_region)
 
     def normalise(self, rewards: Tensor, group_size: int) -> Advantages:
         """DDPO's advantages of the gathered rewards [B * G]: batch mean and std."""
         return batch_advantages(rewards, group_size, clamp=self.hparams.adv_clamp)
 
     def target_regions(self, batch: dict) -> tuple[Detections, Tensor]:
-        """(the object's detections in the B sources, their target regions [B, H, W] bool);
-        the sources are segmented once per batch (kept for the rewards of the same batch)."""
-        source = batch["source"]
-        if self._regions is None or self._regions[0] is not source:
-            before = self.scorer.segmenter(source, batch["object"])
-            region = geo.target_region(
-                before,
-                list(batch["task"]),
-                torch.as_tensor(batch["direction"]).float(),
-                torch.as_tensor(batch["angle"]).float(),
-                torch.as_tensor(batch["factor"]).float(),
-                tuple(source.shape[-2:]),
-                self.move_fraction,
-            )
-            self._regions = (source, before, region)
-        return self._regions[1], self._regions[2]
+        """(the object's detections in the B sources, their target regions [B, H, W] bool),
+        segmented once per batch (`BatchRegions`)."""
+        return self._regions(self.scorer.segmenter, batch)
+
+    def target_region(self, before: Detections, batch: dict) -> Tensor:
+        return geo.target_region(
+            before,
+            list(batch["task"]),
+            torch.as_tensor(batch["direction"]).float(),
+            torch.as_tensor(batch["angle"]).float(),
+            torch.as_tensor(batch["factor"]).float(),
+            tuple(batch["source"].shape[-2:]),
+            self.move_fraction,
+        )
 
     def object_tokens(self, batch: dict) -> Tensor:
         """[B, L] float: 1 on the instruction tokens that name the edited object."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lit_grpo.modules.grpo import GRPOModule
+from lit_grpo.modules.regions import BatchRegions
 from lit_grpo.modules.update import ClippedUpdate
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
@@ -79,7 +80,7 @@ class RCGRPOModule(GRPOModule):
             h.max_grad_norm,
             h.micro_batch_size,
         )
-        self._regions: tuple[Tensor, Detections, Tensor] | None = None
+        self._regions = BatchRegions(self.edit_region)
 
     def default_noise(self) -> RegionDecoupledNoise:
         return RegionDecoupledNoise(mask_sde=True)
@@ -89,22 +90,21 @@ class RCGRPOModule(GRPOModule):
 
     # --- the region of each condition, from the source's detection and the instruction -------
     def edit_regions(self, batch: dict) -> tuple[Detections, Tensor]:
-        """(the object's detections in the B sources, their edit regions [B, H, W] bool);
-        the sources are segmented once per batch (kept for the rewards of the same batch)."""
+        """(the object's detections in the B sources, their edit regions [B, H, W] bool),
+        segmented once per batch (`BatchRegions`)."""
+        return self._regions(self.scorer.segmenter, batch)
+
+    def edit_region(self, before: Detections, batch: dict) -> Tensor:
         source = batch["source"]
-        if self._regions is None or self._regions[0] is not source:
-            before = self.scorer.segmenter(source, batch["object"])
-            region = geo.edit_region(
-                before,
-                list(batch["task"]),
-                torch.as_tensor(batch["direction"]).float(),
-                torch.as_tensor(batch["factor"]).float(),
-                tuple(source.shape[-2:]),
-                self.move_fraction,
-                self.region_margin,
-            )
-            self._regions = (source, before, region)
-        return self._regions[1], self._regions[2]
+        return geo.edit_region(
+            before,
+            list(batch["task"]),
+            torch.as_tensor(batch["direction"]).float(),
+            torch.as_tensor(batch["factor"]).float(),
+            tuple(source.shape[-2:]),
+            self.move_fraction,
+            self.region_margin,
+        )
 
     def sample_regions(self, batch: dict) -> Tensor:
         _, region = self.edit_regions(batch)
