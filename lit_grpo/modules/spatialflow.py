@@ -38,7 +38,7 @@ from lit_grpo.modules.objectives import (
 )
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.rewards.scoring import Scores
-from lit_grpo.sampling.flow import host_to_device, velocity_to_data
+from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
 
 
@@ -50,15 +50,11 @@ class SpatialFlowUpdate(ClippedUpdate):
         *args,
         region_weights: list[float] | None = None,
         kl_region_weights: list[float] | None = None,
-        source_kl_beta: float = 0.0,
-        source_kl_region_weights: list[float] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.region_weights = region_weights
         self.kl_region_weights = kl_region_weights
-        self.source_kl_beta = source_kl_beta
-        self.source_kl_region_weights = source_kl_region_weights
 
     @staticmethod
     def _weights(weights: list[float] | None, regions: int, name: str, device) -> torch.Tensor:
@@ -89,37 +85,7 @@ class SpatialFlowUpdate(ClippedUpdate):
             "clip_fraction": s.clip_fraction,
             "ratio": s.ratio_mean,
         }
-        loss, stats = self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
-        return self.add_source_kl(module, sampler, record, targets, rows, k, step, loss, stats)
-
-    def add_source_kl(self, module, sampler, record, targets, rows, k, step, loss, stats):
-        """`loss` plus source_kl_beta x the KL of step k's means to the means of the step
-        that lands on the source (x0_hat = the source's latents), on Flow-GRPO's KL scale,
-        per token, aggregated over the regions with `source_kl_region_weights` (default:
-        every region but the first, the edit region), over the valid rows."""
-        if self.source_kl_beta <= 0:
-            return loss, stats
-        x, source = record.states[rows, k], record.condition[rows].image.float()
-        if source.shape != x.shape:
-            raise ValueError(
-                f"the source KL needs the source latents {tuple(source.shape[1:])} in the "
-                f"shape of the edit's {tuple(x.shape[1:])}: edit at the source's resolution"
-            )
-        towards = sampler.step_with(record, rows, k, velocity_to_data(x, source, record.sigmas[k]))
-        size = tuple(record.images.shape[-2:])
-        per_token = module.policy.latent_to_tokens(
-            kl_elements(step.mean, towards.mean, step.diffusion), size
-        )  # [n, T]
-        cover = targets.cover[rows]
-        regions = cover.shape[1]
-        weights = self.source_kl_region_weights or [0.0] + [1.0] * (regions - 1)
-        weights = self._weights(weights, regions, "source_kl_region_weights", per_token.device)
-        kl = region_mean(per_token, cover, weights)
-        kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
-        loss = loss + self.source_kl_beta * kl
-        stats["loss"] = loss.detach()
-        stats["source_kl"] = kl.detach()
-        return loss, stats
+        return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
 
     def row_kl(self, module, record, targets, rows, step, ref):
         """Without `kl_region_weights`, Flow-GRPO's KL over the whole image (the base's);
@@ -147,11 +113,6 @@ class SpatialFlowGRPOModule(GRPOModule):
         kl_region_weights: with `kl_beta` > 0, the KL's weight in each region, aggregated as
             the loss is (e.g. [0, 1, 1]: others and background only); None: the KL over the
             whole image, per sample, as in Flow-GRPO.
-        source_kl_beta: > 0 adds a KL, on Flow-GRPO's scale, of each trained step's means to
-            the means of the step that lands on the source (`flow.velocity_to_data`), over
-            the regions that should not change (ours; module docstring). No reference pass.
-        source_kl_region_weights: its weight in each region (None: every region but the
-            first, the edit region).
     """
 
     def __init__(
@@ -160,13 +121,9 @@ class SpatialFlowGRPOModule(GRPOModule):
         region_reward: str | None = None,
         region_weights: list[float] | None = None,
         kl_region_weights: list[float] | None = None,
-        source_kl_beta: float = 0.0,
-        source_kl_region_weights: list[float] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if source_kl_beta < 0:
-            raise ValueError(f"source_kl_beta must be >= 0, got {source_kl_beta}")
         hp = self.hparams
         self.updater = SpatialFlowUpdate(
             hp.clip_range,
@@ -177,8 +134,6 @@ class SpatialFlowGRPOModule(GRPOModule):
             hp.micro_batch_size,
             region_weights=region_weights,
             kl_region_weights=kl_region_weights,
-            source_kl_beta=source_kl_beta,
-            source_kl_region_weights=source_kl_region_weights,
         )
         self.region_reward = region_reward
 

@@ -77,7 +77,7 @@ class PolicyTargets:
 
 # statistics that are sums over rows divided by the fixed denominator: they add up over
 # micro-batches; the others are means over rows, combined weighted by valid rows
-ADDITIVE_STATS = ("loss", "kl", "source_kl")
+ADDITIVE_STATS = ("loss", "kl")
 
 
 class ClippedUpdate:

@@ -8,7 +8,6 @@ from lit_grpo.sampling.flow import (
     shortcut_to_data,
     sigma_schedule,
     velocity_target,
-    velocity_to_data,
 )
 from lit_grpo.sampling.ode import sample_ode
 
@@ -21,5 +20,4 @@ __all__ = [
     "shortcut_to_data",
     "sigma_schedule",
     "velocity_target",
-    "velocity_to_data",
 ]

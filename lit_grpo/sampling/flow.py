@@ -47,12 +47,6 @@ def shortcut_to_data(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     return x - _broadcast(sigma, x) * v
 
 
-def velocity_to_data(x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
-    """The velocity whose shortcut from x_sigma lands on `x0`: (x - x0) / sigma (the inverse
-    of `shortcut_to_data`; sigma > 0)."""
-    return (x - x0) / _broadcast(sigma, x)
-
-
 def sample_sigmas(
     n: int, generator: torch.Generator | None = None, kind: str = "logit_normal", device=None
 ) -> Tensor:
@@ -84,7 +78,6 @@ __all__ = [
     "shortcut_to_data",
     "sigma_schedule",
     "velocity_target",
-    "velocity_to_data",
 ]
 
 

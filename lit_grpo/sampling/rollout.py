@@ -226,14 +226,8 @@ class RolloutSampler:
         x = record.states[rows, k]
         sigma = record.sigmas[k].expand(x.shape[0])
         v = policy.velocity(x.to(policy.latent_dtype), sigma, record.condition[rows])
-        return self.step_with(record, rows, k, v)
-
-    def step_with(self, record: RolloutRecord, rows: Tensor, k: int, v: Tensor) -> SDEStep:
-        """Stored step k of `rows` taken with the velocity `v` [n, C, h, w] (a policy's, or
-        one built from a target such as `flow.velocity_to_data`): the recorded transition's
-        per-element log-prob, the mean and the std."""
         return self._step(
-            record.states[rows, k],
+            x,
             v,
             record.sigmas[k],
             record.sigma_next[k],
