@@ -75,6 +75,8 @@ def test_fit_end_to_end_changes_weights_and_logs_to_mlflow(in_tmp):
     assert run.data.params["model.policy.width"] == "32"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "images" in artifacts
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("val_edits" in p for p in images), images  # the validation grid
     ckpts = list((in_tmp / "runs").rglob("last.ckpt"))
     assert len(ckpts) == 1
     # The checkpoint carries a self-describing policy another stage can start from.
@@ -218,6 +220,7 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
     # the config's RolloutImageLogger and LoraExporter: a rollout grid, an adapter per save
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("rollouts" in p for p in images), images
+    assert any("val_edits" in p for p in images), images  # the validation grid
     assert list((in_tmp / "runs").rglob("lora/lora-step=*.safetensors"))
 
 

@@ -50,10 +50,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
-from lit_grpo.modules.evaluation import report_edit_metrics
-from lit_grpo.modules.grids import edit_grid
 from lit_grpo.modules.objectives import (
     Advantages,
     gathered_group_advantages,
@@ -183,7 +180,6 @@ class GRPOModule(PolicyStage):
         self.iteration = 0  # GRPO iterations (rollout batches), whether or not they step
         self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
         self.phase = "idle"
-        self._grid: dict | None = None
         self._generator: torch.Generator | None = None
 
     @property
@@ -417,20 +413,7 @@ class GRPOModule(PolicyStage):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         edits = self._evaluate(batch, batch_idx, "val")
-        if batch_idx == 0:
-            k = self.hparams.grid_size
-            self._grid = {"source": batch["source"][:k], "edits": edits[:k]}
-
-    def on_validation_epoch_end(self) -> None:
-        report_edit_metrics(self, "val")
-        if self._grid is not None and not self.trainer.sanity_checking:
-            log_image(
-                self.trainer,
-                "val/edits",
-                edit_grid(self._grid["source"], self._grid["edits"]),
-                step=self.global_step,
-            )
-        self._grid = None
+        self.keep_grid(batch_idx, batch["source"], edits)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

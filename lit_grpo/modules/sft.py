@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
-from lit_grpo.modules.evaluation import report_edit_metrics, update_edit_metrics
-from lit_grpo.modules.grids import edit_grid
+from lit_grpo.modules.evaluation import update_edit_metrics
 from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.perception.segmenters import Segmenter
@@ -67,7 +65,6 @@ class SFTModule(PolicyStage):
         super().__init__(policy, lora, segmenter, metrics, sharding)
         self.save_hyperparameters(ignore=["policy", "segmenter", "metrics"])
         sample_sigmas(1, kind=sigma_sampling)  # an unknown kind fails at construction
-        self._grid_batch: dict | None = None
 
     @property
     def eval_schedule(self) -> tuple[int, float]:
@@ -107,19 +104,7 @@ class SFTModule(PolicyStage):
             return
         edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
         update_edit_metrics(self, batch, edits)
-        if batch_idx == 0:
-            k = self.hparams.grid_size
-            self._grid_batch = {"source": batch["source"][:k], "target": batch["target"][:k]}
-            self._grid_batch["edits"] = edits[:k]
-
-    def on_validation_epoch_end(self) -> None:
-        report_edit_metrics(self, "val")
-        if self._grid_batch is None or self.trainer.sanity_checking:
-            return
-        b = self._grid_batch
-        grid = edit_grid(b["source"], b["target"], b["edits"])
-        log_image(self.trainer, "val/edits", grid, step=self.global_step)
-        self._grid_batch = None
+        self.keep_grid(batch_idx, batch["source"], batch["target"], edits)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch, batch_idx)

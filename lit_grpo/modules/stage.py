@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_grpo.loggers import log_image
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules.evaluation import report_edit_metrics
+from lit_grpo.modules.grids import edit_grid
 from lit_grpo.modules.sharding import ShardingSettings, is_sharded, shard_policy
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
@@ -52,6 +54,7 @@ class PolicyStage(L.LightningModule):
         self._segmenter = segmenter or ColourSegmenter()
         self.edit_metrics = metrics or EditMetrics()
         self.sharding = sharding or ShardingSettings()
+        self._grid: list[Tensor] | None = None  # the first validation batch's grid columns
 
     # --- scale-out: sharding, data-parallel ranks -------------------------------------------
     def configure_model(self) -> None:
@@ -127,6 +130,18 @@ class PolicyStage(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         """ODE edits [N, 3, H, W] in [0, 1] of the batch's sources and instructions."""
         return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+
+    def keep_grid(self, batch_idx: int, *columns: Tensor) -> None:
+        """Keep the first `grid_size` rows of each column [N, 3, H, W] of the first validation
+        batch for the `val/edits` image (`on_validation_epoch_end`)."""
+        if batch_idx == 0:
+            self._grid = [c[: self.hparams.grid_size] for c in columns]
+
+    def on_validation_epoch_end(self) -> None:
+        report_edit_metrics(self, "val")
+        if self._grid is not None and not self.trainer.sanity_checking:
+            log_image(self.trainer, "val/edits", edit_grid(*self._grid), step=self.global_step)
+        self._grid = None
 
     def on_test_epoch_end(self) -> None:
         report_edit_metrics(self, "test")
