@@ -39,6 +39,7 @@ def main() -> None:
     from lit_grpo.perception import geometry as geo
     from lit_grpo.policies import TinyEditPolicy
     from lit_grpo.rewards import RegionReward, Scorer, TranslationReward
+    from lit_grpo.rewards.base import EditSpec
     from lit_grpo.sampling.strategies import EarlyExit
 
     g = args.group
@@ -64,13 +65,14 @@ def main() -> None:
             record = module.sample(batch, gen)
         ok = success(record.images, batch, g).parts["translation_success"] > 0.5
         before = module.scorer.segmenter(batch["source"], list(batch["object"]))
+        spec = EditSpec.from_batch(batch)
         place = (
             geo.target_region(
                 before,
-                list(batch["task"]),
-                torch.as_tensor(batch["direction"]).float(),
-                torch.as_tensor(batch["angle"]).float(),
-                torch.as_tensor(batch["factor"]).float(),
+                spec.task,
+                spec.direction,
+                spec.angle,
+                spec.factor,
                 tuple(batch["source"].shape[-2:]),
                 region_reward.move_fraction,
             )

@@ -38,7 +38,6 @@ Where we depart from the paper, and why:
   the other stages; the groups play no part in the advantages.
 """
 
-import torch
 from torch import Tensor
 
 from lit_grpo.modules.grpo import GRPOModule
@@ -47,7 +46,7 @@ from lit_grpo.modules.regions import BatchRegions
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
 from lit_grpo.policies.base import EditPolicy
-from lit_grpo.rewards.base import Reward, RewardInputs
+from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs
 
 
 class InstructRL4PixModule(GRPOModule):
@@ -88,14 +87,10 @@ class InstructRL4PixModule(GRPOModule):
         return self._regions(self.scorer.segmenter, batch)
 
     def target_region(self, before: Detections, batch: dict) -> Tensor:
+        spec = EditSpec.from_batch(batch)
+        size = tuple(batch["source"].shape[-2:])
         return geo.target_region(
-            before,
-            list(batch["task"]),
-            torch.as_tensor(batch["direction"]).float(),
-            torch.as_tensor(batch["angle"]).float(),
-            torch.as_tensor(batch["factor"]).float(),
-            tuple(batch["source"].shape[-2:]),
-            self.move_fraction,
+            before, spec.task, spec.direction, spec.angle, spec.factor, size, self.move_fraction
         )
 
     def object_tokens(self, batch: dict) -> Tensor:

@@ -20,7 +20,6 @@ region. Where the paper leaves it open, ours: the region's construction, its mar
 that the region is a coverage in [0, 1] (cells on its edge count in part).
 """
 
-import torch
 from torch import Tensor
 
 from lit_grpo.modules.grpo import GRPOModule
@@ -29,7 +28,7 @@ from lit_grpo.modules.update import ClippedUpdate
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
 from lit_grpo.policies.base import EditPolicy
-from lit_grpo.rewards.base import Reward, RewardInputs
+from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs
 from lit_grpo.sampling.noise import RegionDecoupledNoise
 from lit_grpo.sampling.rollout import RolloutRecord
 
@@ -95,13 +94,13 @@ class RCGRPOModule(GRPOModule):
         return self._regions(self.scorer.segmenter, batch)
 
     def edit_region(self, before: Detections, batch: dict) -> Tensor:
-        source = batch["source"]
+        spec = EditSpec.from_batch(batch)
         return geo.edit_region(
             before,
-            list(batch["task"]),
-            torch.as_tensor(batch["direction"]).float(),
-            torch.as_tensor(batch["factor"]).float(),
-            tuple(source.shape[-2:]),
+            spec.task,
+            spec.direction,
+            spec.factor,
+            tuple(batch["source"].shape[-2:]),
             self.move_fraction,
             self.region_margin,
         )
