@@ -1,7 +1,9 @@
 """Up-front checks on user input, so mistakes surface before training starts."""
 
+import hashlib
 import os
 import tempfile
+from functools import cache
 from pathlib import Path
 
 
@@ -35,6 +37,81 @@ def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
 
 class ConfigError(ValueError):
     """A user mistake in a config or argument; the CLI prints it without a traceback."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def local_copy(location: str | os.PathLike, what: str) -> Path:
+    """The local file to read for a checkpoint or weights file named by a path or a URL.
+
+    Every command that reads a checkpoint (`fit` / `validate` / `test --ckpt_path`, a policy's
+    `weights:`, `edit --ckpt`, `export`) comes through here, and reads the file it returns
+    with `read_checkpoint` (`weights_only=True`) or safetensors, never with an unpickling
+    load: a checkpoint from elsewhere is data, not code. Lightning itself would load a
+    `http(s)://` checkpoint with `weights_only=False`, running whatever the pickle holds.
+
+    A plain path, or a `file://` URL, is that local file. Any other URL is fetched once per
+    process into `$LIT_GRPO_CACHE` (default `~/.cache/lit_grpo`)/downloads/, named by a hash
+    of the URL: `http(s)://` with the standard library (a 60 s timeout per read), other
+    schemes (`s3://`, `gs://`, ...) through fsspec, which needs that scheme's package.
+    """
+    text = str(location)
+    if not is_url(text):
+        return Path(text).expanduser()
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "file":
+        from urllib.parse import unquote, urlparse
+        from urllib.request import url2pathname
+
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"{what} {text}: a file:// URL must name a local file (file:///path/to/x.ckpt)"
+            )
+        return Path(url2pathname(unquote(parsed.path)))
+    return _fetched(text, what)
+
+
+@cache
+def _fetched(url: str, what: str) -> Path:
+    root = Path(os.environ.get("LIT_GRPO_CACHE") or Path.home() / ".cache" / "lit_grpo")
+    name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "download"
+    path = root / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _open_url(url) as source, open(partial, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+        os.replace(partial, path)
+    except ConfigError:
+        raise
+    except Exception as err:  # urllib / fsspec / OS errors: one line naming the URL
+        partial.unlink(missing_ok=True)
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"{what} {url} could not be fetched ({type(err).__name__}: {reason}). Check the "
+            "URL, or download the file and pass its local path"
+        ) from None
+    return path
+
+
+def _open_url(url: str):
+    if url.lower().startswith(("http://", "https://")):
+        from urllib.request import urlopen
+
+        return urlopen(url, timeout=60)
+    try:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except (ImportError, ValueError) as err:  # fsspec: no package for this scheme
+        raise ConfigError(
+            f"cannot read {url}: {err}. Install the fsspec package for its scheme, or "
+            "download the file and pass its local path"
+        ) from None
 
 
 def read_checkpoint(path: str | os.PathLike, what: str) -> dict:

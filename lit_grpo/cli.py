@@ -13,7 +13,13 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir, read_checkpoint
+from lit_grpo.checks import (
+    ConfigError,
+    ensure_file,
+    ensure_writable_dir,
+    local_copy,
+    read_checkpoint,
+)
 from lit_grpo.policies.weights import resolve_weights_path
 
 TRAINER_DEFAULTS = {
@@ -115,16 +121,28 @@ class LitGRPOCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         if ckpt == "last":  # Lightning would look only in the new run's (empty) folder
             ckpt = config.ckpt_path = str(_latest_last_checkpoint(config))
-        if not ckpt or ckpt in SPECIAL_CKPTS or "://" in str(ckpt):
+        if "weights_only" in config:
+            # Lightning loads a checkpoint with weights_only=False when asked to, and by
+            # default for http(s) URLs: that unpickles, and so runs, whatever the file holds
+            if config.weights_only is False:
+                raise ConfigError(
+                    "--weights_only=false: lit_grpo never unpickles a checkpoint (that would "
+                    "run whatever code it holds); its checkpoints load with weights_only=True. "
+                    "Leave the flag out"
+                )
+            config.weights_only = True
+        if not ckpt or ckpt in SPECIAL_CKPTS:
             return
         what = "checkpoint (--ckpt_path)"
+        # a URL is fetched and checked like a local file; Lightning then loads the local copy
         path = ensure_file(
-            ckpt,
+            local_copy(ckpt, what),
             what,
             "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
             "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
         )
         checkpoint = read_checkpoint(path, what)
+        config.ckpt_path = str(path)
         self._resumed_run_id = checkpoint.get("mlflow_run_id") if subcommand == "fit" else None
         written = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
         model = config.get("model")

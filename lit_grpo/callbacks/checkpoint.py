@@ -16,7 +16,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Windows). A run killed mid-write leaves the previous `last.ckpt` intact (and at worst a
     stray `.partial`); Lightning's own write goes through a temporary file in the system's
     temp folder and a move, which is a copy, and so not atomic, when that folder is on another
-    file system. Remote paths (`s3://...`) keep Lightning's behaviour.
+    file system. Remote paths (`s3://...`) keep Lightning's behaviour for writes; every
+    load is `weights_only=True`.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -37,6 +38,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def write(self, checkpoint: dict, file) -> None:
         torch.save(checkpoint, file)
+
+    def load_checkpoint(self, path, *args, weights_only=None, **kwargs) -> dict:
+        """Always `weights_only=True`: Lightning's default for an http(s) path is an
+        unpickling load, which runs whatever code a booby-trapped file holds."""
+        return super().load_checkpoint(path, *args, weights_only=True, **kwargs)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir
+from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir, local_copy
 
 MAX_SIDE = 512  # px; the tiny editor's attention makes 2048 px take hours per step
 HELP = "edit one image with a lit_grpo checkpoint, a weights file or built-in weights"
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     if args.ckpt not in BUILTIN:
         ensure_file(
-            args.ckpt,
+            local_copy(args.ckpt, "checkpoint (--ckpt)"),
             "checkpoint (--ckpt)",
             "Pass a lit_grpo .ckpt (runs/<experiment>/<run>/checkpoints/), a .safetensors "
             f"written by `python -m lit_grpo export`, or a built-in name: {', '.join(BUILTIN)}.",

@@ -62,10 +62,10 @@ def main(argv: list[str]) -> int:
 
 
 def _export_diffusers_lora(ckpt_path: str, out: str, module: str, half: bool) -> int:
-    from lit_grpo.checks import ConfigError, read_checkpoint
+    from lit_grpo.checks import ConfigError, local_copy, read_checkpoint
     from lit_grpo.policies.lora import LoraSettings, save_diffusers_lora_tensors
 
-    ckpt = read_checkpoint(ckpt_path, "checkpoint")
+    ckpt = read_checkpoint(local_copy(ckpt_path, "checkpoint"), "checkpoint")
     prefix = module + "."
     tensors = {}
     for key, value in (ckpt.get("state_dict") or {}).items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_grpo.checks import ConfigError, is_distributed_checkpoint, read_checkpoint
+from lit_grpo.checks import ConfigError, is_distributed_checkpoint, local_copy, read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BUILTIN = {"shapeworld-sft": WEIGHTS_DIR / "shapeworld_sft.safetensors"}
@@ -42,7 +42,7 @@ def resolve_weights_path(weights: str) -> Path:
                 "configs/sft.yaml` and pass the checkpoint path instead"
             )
         return path
-    path = Path(weights).expanduser()
+    path = local_copy(weights, "policy weights")  # a URL: fetched, then read as data only
     if is_distributed_checkpoint(path):
         raise IncompatibleWeightsError(
             f"{path} is a distributed checkpoint (written under ModelParallelStrategy): its "
