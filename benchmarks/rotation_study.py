@@ -9,7 +9,10 @@ measures, from the segmenter's headings:
 - success: rollouts within 20 deg of the instructed rotation (RotationAccuracy's rule);
 - groups >= 1: conditions with at least one successful rollout (what GRPO could reinforce);
 - circ. std: within-group circular std of the achieved rotation, degrees;
-- reward std: within-group std of the rotation reward (1 - error / 180);
+- shape ok: rollouts whose object is still the source's shape (`geometry.shape_iou` >= the
+  reward's `min_shape_iou`, 0.5), and "real successes": successes that also pass it;
+- reward mean / std: the rotation reward (`RotationReward`: Talk2Move's rule, 0 under a
+  10 deg turn, with the shape check), its mean and within-group std;
 - found: rollouts in which the segmenter finds the triangle at all.
 Chance for a heading drawn at random: 40 / 360 = 11% success.
 """
@@ -41,28 +44,33 @@ def main(argv=None) -> int:
         help="noise_level:K (K an exit step, or 'full' for the full trajectory)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=32)
     args = parser.parse_args(argv)
 
     from lit_grpo.datamodules.shapeworld import ShapeWorld
     from lit_grpo.perception import ColourSegmenter
-    from lit_grpo.perception.geometry import wrap_degrees
+    from lit_grpo.perception.geometry import achieved_rotation, shape_iou, wrap_degrees
+    from lit_grpo.rewards.spatial import RotationReward, talk2move_rotation_score
     from lit_grpo.policies.weights import load_policy
     from lit_grpo.sampling.rollout import RolloutSampler
     from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory
 
     torch.set_grad_enabled(False)
-    data = ShapeWorld("val", args.n, 32, ("rotate",))
+    data = ShapeWorld("val", args.n, args.resolution, ("rotate",))
     batch = torch.utils.data.default_collate([data[i] for i in range(args.n)])
     policy = load_policy(args.weights).eval()
     seg = ColourSegmenter()
     g = args.group
     phrases = [o for o in batch["object"] for _ in range(g)]
-    before = seg(batch["source"], batch["object"]).angle.repeat_interleave(g)
+    source = seg(batch["source"], batch["object"]).repeat_interleave(g)
+    before = source.angle
+    min_iou = RotationReward().min_shape_iou
     instructed = batch["angle"].repeat_interleave(g)
     print(f"{args.n} held-out rotate conditions x G={g}, weights {args.weights}")
     head = (
         f"{'noise':>5} {'K':>5} {'found':>6} {'copies':>7} {'success':>8} {'groups>=1':>9} "
-        f"{'circ. std':>9} {'reward std':>10} {'s':>6}"
+        f"{'circ. std':>9} {'shape ok':>8} {'real succ.':>10} {'groups>=1 real':>14} "
+        f"{'reward':>7} {'reward std':>10} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -82,13 +90,18 @@ def main(argv=None) -> int:
         achieved = wrap_degrees(after.angle - before)  # NaN where not found
         error = wrap_degrees(achieved - instructed).abs()
         success = (error <= 20).float().view(-1, g)
-        reward = torch.nan_to_num(1 - error / 180, nan=0.0).view(-1, g)
+        iou = shape_iou(source, after, achieved_rotation(source, after))
+        shaped = (iou >= min_iou).float().view(-1, g)
+        real = success * shaped
+        reward = talk2move_rotation_score(achieved, instructed).view(-1, g)
+        reward = torch.nan_to_num(reward * shaped, nan=0.0)  # what RotationReward pays
         print(
             f"{float(noise):>5.1f} {k:>5} {after.found.float().mean():6.3f} "
             f"{(achieved.abs() <= 20).float().mean():7.3f} {success.mean():8.3f} "
             f"{(success.sum(1) > 0).float().mean():9.3f} "
             f"{circular_std(achieved.view(-1, g)).nanmean():9.1f} "
-            f"{reward.std(1, unbiased=False).mean():10.3f} {secs:6.1f}",
+            f"{shaped.mean():8.3f} {real.mean():10.3f} {(real.sum(1) > 0).float().mean():14.3f} "
+            f"{reward.mean():7.3f} {reward.std(1, unbiased=False).mean():10.3f} {secs:6.1f}",
             flush=True,
         )
     print(f"chance success for a random heading: {40 / 360:.3f}; success: within 20 deg.")

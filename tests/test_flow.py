@@ -108,3 +108,35 @@ def test_flow_matching_loss_on_hand_made_tensors():
     loss = module.flow_matching_loss(batch, gen, sigma=torch.tensor([0.3, 0.6]))
     expected = ((0.5 - (noise - 0.5)) ** 2).mean()
     assert torch.allclose(loss, expected)
+
+
+def test_edit_region_weight_weighs_the_objects_positions_by_hand():
+    """SFT's edit_region_weight (ours): sum(w * err) / sum(w), w = 4 on the object's pixels
+    (mask before | after) and 1 elsewhere; 1 is the plain mean; no masks -> a clear error."""
+    from lit_grpo.modules.sft import SFTModule
+
+    batch = {
+        "source": torch.zeros(2, 3, 2, 2),
+        "target": torch.full((2, 3, 2, 2), 0.75),  # x0 = 0.5
+        "instruction": ["a", "b"],
+        "mask_before": torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool),
+        "mask_after": torch.tensor([[[0, 0], [0, 0]], [[0, 0], [0, 1]]], dtype=torch.bool),
+    }
+    noise = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    err = (0.5 - (noise - 0.5)) ** 2  # [2, 3, 2, 2]
+    w = torch.ones(2, 1, 2, 2)
+    w[0, 0, 0, 0] = w[1, 0, 1, 1] = 4.0
+    expected = (err * w).sum() / (w.expand_as(err).sum())  # 4 + 4 + 6 ones, x 3 channels
+    sigma = torch.tensor([0.3, 0.6])
+    module = SFTModule(ConstantPolicy(0.5), edit_region_weight=4.0)
+    loss = module.flow_matching_loss(batch, torch.Generator().manual_seed(0), sigma=sigma)
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, err.mean())
+    plain = SFTModule(ConstantPolicy(0.5), edit_region_weight=1.0)
+    loss = plain.flow_matching_loss(batch, torch.Generator().manual_seed(0), sigma=sigma)
+    assert torch.allclose(loss, err.mean())
+    del batch["mask_after"]
+    with pytest.raises(ValueError, match="needs the edited object's masks.*mask_after"):
+        module.flow_matching_loss(batch, torch.Generator().manual_seed(0), sigma=sigma)
+    with pytest.raises(ValueError, match="edit_region_weight must be >= 1"):
+        SFTModule(ConstantPolicy(0.5), edit_region_weight=0.5)

@@ -181,3 +181,105 @@ def test_geneval_accuracy_and_ours_disagree_where_their_rules_do():
     assert ours.count == geneval.count == 5
     assert ours.compute().item() == pytest.approx(3 / 5)  # rows 0, 1, 3
     assert geneval.compute().item() == pytest.approx(2 / 5)  # rows 2, 3
+
+
+# --- rotation: Talk2Move's in-plane rule and the shape check ---------------------------------
+
+
+def test_talk2move_rotation_rule_by_hand():
+    """[sense right] * (1 - |magnitude - instructed| / 180), 0 under 10 deg, the sense not
+    checked for 180 (Talk2Move's evaluate_rotation, in the plane)."""
+    from lit_grpo.rewards.spatial import talk2move_rotation_score
+
+    turn = torch.tensor([90.0, 0.0, 9.9, 10.0, -90.0, 45.0, 180.0, -170.0, 135.0, float("nan")])
+    wanted = torch.tensor([90.0, 90.0, 90.0, 90.0, 90.0, 90.0, -180.0, 180.0, -135.0, 90.0])
+    score = talk2move_rotation_score(turn, wanted)
+    expected = [1.0, 0.0, 0.0, 1 - 80 / 180, 0.0, 1 - 45 / 180, 1.0, 1 - 10 / 180, 0.0]
+    torch.testing.assert_close(score[:-1], torch.tensor(expected))
+    assert score[-1].isnan()
+    # standing still earns nothing; the old rule (1 - error / 180) paid 0.5 for it
+    assert talk2move_rotation_score(torch.tensor([0.0]), torch.tensor([90.0])).item() == 0.0
+    loose = talk2move_rotation_score(torch.tensor([5.0]), torch.tensor([90.0]), min_turn=0.0)
+    torch.testing.assert_close(loose, torch.tensor([1 - 85 / 180]))
+
+
+def square_detections(mask: torch.Tensor, angle: float = 0.0) -> Detections:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    centre = torch.stack([xs.float().mean() + 0.5, ys.float().mean() + 0.5])
+    return Detections(
+        found=torch.tensor([True]),
+        mask=mask[None],
+        box=torch.zeros(1, 4),
+        centre=centre[None],
+        angle=torch.tensor([angle]),
+        area=mask.sum().float()[None],
+    )
+
+
+def test_shape_iou_by_hand():
+    """An L of 3 pixels turned by 90 deg ccw (as seen, y down) and moved is the same shape
+    (IoU 1); the unturned L over it shares 2 of 4 pixels (1/2); a 3x3 blob over it 3/9."""
+    src = torch.zeros(12, 12, dtype=torch.bool)
+    src[2, 2] = src[3, 2] = src[3, 3] = True  # (row, col): an L with its foot to the right
+    before = square_detections(src)
+    # a ccw turn as seen by 90 deg maps the offset (dx, dy) to (dy, -dx): the foot (+x)
+    # points up (-y); the L placed 5 px to the right and 5 down
+    turned = torch.zeros(12, 12, dtype=torch.bool)
+    turned[7, 8] = turned[8, 8] = turned[8, 7] = True
+    after = square_detections(turned)
+    # centres: src (2.83, 3.17) in (x, y) + 0.5; turned around its own centre
+    assert geo.shape_iou(before, after, torch.tensor([90.0])).item() == pytest.approx(1.0)
+    assert geo.shape_iou(before, after, torch.tensor([-90.0])).item() < 1.0
+    copy = torch.zeros(12, 12, dtype=torch.bool)
+    copy[7, 7] = copy[8, 7] = copy[8, 8] = True  # the unturned L at the same place
+    assert geo.shape_iou(before, square_detections(copy), torch.tensor([0.0])).item() == 1.0
+    assert geo.shape_iou(
+        before, square_detections(copy), torch.tensor([90.0])
+    ).item() == pytest.approx(2 / 4)
+    blob = torch.zeros(12, 12, dtype=torch.bool)
+    blob[7:10, 7:10] = True
+    assert geo.shape_iou(
+        before, square_detections(blob), torch.tensor([0.0])
+    ).item() == pytest.approx(3 / 9)
+    assert geo.shape_iou(before, after, torch.tensor([float("nan")])).isnan().all()
+
+
+def test_rotation_reward_on_shapeworld_edits_copies_and_blurs():
+    """Exact edits score ~1, a copy of the source 0 (standing still), another task 0; a
+    smear whose heading reads right but whose shape is gone scores 0 (the shape check)."""
+    from lit_grpo.datamodules.shapeworld import ShapeWorld
+    from lit_grpo.perception import ColourSegmenter
+    from lit_grpo.rewards import EditSpec, RotationReward
+
+    data = ShapeWorld("test", 16, 32, ("rotate",))
+    batch = torch.utils.data.default_collate([data[i] for i in range(16)])
+    seg = ColourSegmenter()
+
+    def inputs(images):
+        return RewardInputs(
+            images,
+            batch["source"],
+            batch["instruction"],
+            EditSpec.from_batch(batch),
+            seg(batch["source"], batch["object"]),
+            seg(images, batch["object"]),
+        )
+
+    exact = RotationReward()(inputs(batch["target"]))
+    assert exact.scores.min() > 0.95
+    assert (exact.extras["shape_iou"] > 0.7).all()
+    assert torch.equal(RotationReward()(inputs(batch["source"])).scores, torch.zeros(16))
+    # a smear: the target's pixel-wise minimum with itself shifted 1-3 px left and right;
+    # the segmenter still reads a heading (some of them right) but the shape is gone
+    smear = batch["target"].clone()
+    for shift in (1, 2, 3):
+        for sign in (1, -1):
+            smear = torch.minimum(smear, batch["target"].roll(sign * shift, dims=-1))
+    smeared = RotationReward()(inputs(smear))
+    iou = smeared.extras["shape_iou"]
+    assert torch.equal(smeared.scores[iou < 0.5], torch.zeros(int((iou < 0.5).sum())))
+    assert (iou < 0.5).sum() >= 8
+    unguarded = RotationReward(min_shape_iou=0.0)(inputs(smear))
+    assert unguarded.scores[iou < 0.5].max() > 0
+    with pytest.raises(ValueError, match="min_shape_iou"):
+        RotationReward(min_shape_iou=2.0)

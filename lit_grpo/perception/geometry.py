@@ -136,6 +136,45 @@ def rotation_error(before: Detections, after: Detections, instructed: Tensor) ->
     return torch.where(_both(before, after), err, torch.full_like(err, float("nan")))
 
 
+def achieved_rotation(before: Detections, after: Detections) -> Tensor:
+    """The turn from the source's heading to the edit's, wrapped to (-180, 180] degrees
+    (+ = ccw as seen) [N]; NaN if either heading is unreadable."""
+    turn = wrap_degrees(after.angle.float() - before.angle.float())
+    return torch.where(_both(before, after), turn, torch.full_like(turn, float("nan")))
+
+
+def shape_iou(before: Detections, after: Detections, turn: Tensor) -> Tensor:
+    """IoU of the edit's mask with the source mask turned by `turn` [N] degrees (+ = ccw as
+    seen) about its centre and moved onto the edit's centre [N], in [0, 1]; NaN where either
+    mask is missing or the turn is NaN.
+
+    How much the edited object is still the source's shape whatever its heading and place
+    (ours): a rigid copy, moved or turned, scores near 1 (rasterisation costs a little on
+    shapes of a few pixels); a blur or a smear that only reads as some heading scores low.
+    """
+    n, h, w = before.mask.shape
+    dev = before.mask.device
+    a = torch.deg2rad(torch.nan_to_num(turn.float(), nan=0.0).to(dev))[:, None, None]
+    ys = torch.arange(h, device=dev).float()[None, :, None] + 0.5  # pixel centres
+    xs = torch.arange(w, device=dev).float()[None, None, :] + 0.5
+    dx = xs - after.centre[:, 0, None, None].float()  # [N, 1, W]: offsets from the edit's centre
+    dy = ys - after.centre[:, 1, None, None].float()  # [N, H, 1]
+    # the inverse of a ccw turn as seen (y down) by a: the source pixel each one comes from
+    sx = before.centre[:, 0, None, None].float() + dx * a.cos() - dy * a.sin()
+    sy = before.centre[:, 1, None, None].float() + dx * a.sin() + dy * a.cos()
+    col, row = torch.floor(sx).long(), torch.floor(sy).long()
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    flat = before.mask.bool().reshape(n, -1)
+    index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).reshape(n, -1)
+    moved = inside.reshape(n, -1) & flat.gather(1, index)  # [N, H*W]
+    edit = after.mask.bool().reshape(n, -1)
+    inter = (moved & edit).sum(1).float()
+    union = (moved | edit).sum(1).float()
+    iou = inter / union.clamp_min(1.0)
+    ok = _both(before, after) & torch.isfinite(turn.to(dev)) & (union > 0)
+    return torch.where(ok, iou, torch.full_like(iou, float("nan")))
+
+
 def scale_ratio(before: Detections, after: Detections) -> Tensor:
     """Linear size ratio sqrt(area_after / area_before) [N]."""
     ratio = (after.area.float() / before.area.float().clamp_min(1e-6)).sqrt()
