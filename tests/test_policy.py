@@ -138,3 +138,51 @@ def test_missing_and_incompatible_weights_are_named(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(IncompatibleWeightsError, match="could not read checkpoint"):
         tiny(weights=str(junk))
+
+
+def test_value_rope_returns_the_offset_of_what_a_token_attends_to():
+    """With value_rope, a query that attends to one key j alone reads R(p_j - p_i) v_j (the
+    value turned by the key's position, then back by the query's); without it, v_j."""
+    from lit_grpo.policies.tiny import Attention, apply_rope, rope_2d
+
+    torch.manual_seed(0)
+    width = 8
+    rows, cols = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 1])
+    rope = rope_2d(rows, cols, width)
+    x = torch.randn(1, 3, width)
+    only_last = torch.tensor([[False, False, True]])  # every query sees key 2 alone
+    for value_rope in (False, True):
+        attn = Attention(width, heads=1, value_rope=value_rope)
+        with torch.no_grad():
+            for layer in (attn.to_v, attn.to_out):
+                layer.weight.copy_(torch.eye(width))
+                layer.bias.zero_()
+        out = attn(x, rope, only_last)[0]  # [3, width]
+        v = x[0, 2].expand(3, width)
+        if value_rope:
+            turned = apply_rope(v[None, None], rope[0][2], rope[1][2])[0, 0]  # R(p_2) v
+            expected = apply_rope(turned[None, None], rope[0], -rope[1])[0, 0]  # R(-p_i) .
+            assert torch.allclose(out[2], v[2], atol=1e-6)  # its own position: no turn
+            assert not torch.allclose(out[0], v[0], atol=1e-3)
+        else:
+            expected = v
+        assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_value_rope_is_part_of_the_architecture_check(tmp_path):
+    """value_rope is recorded in weights files; a file written before it existed (the
+    built-in `shapeworld-sft`) counts as built without it."""
+    from safetensors import safe_open
+
+    from lit_grpo.policies.weights import resolve_weights_path
+
+    with safe_open(str(resolve_weights_path("shapeworld-sft")), "pt") as f:
+        assert "value_rope" not in f.metadata()["config"]  # a legacy file
+    with pytest.raises(IncompatibleWeightsError, match="value_rope: file False vs config True"):
+        TinyEditPolicy(value_rope=True, weights="shapeworld-sft")
+    on = save_policy_weights(
+        TinyEditPolicy(width=32, depth=1, heads=2, value_rope=True), tmp_path / "on.safetensors"
+    )
+    TinyEditPolicy(width=32, depth=1, heads=2, value_rope=True, weights=str(on))
+    with pytest.raises(IncompatibleWeightsError, match="value_rope: file True vs config False"):
+        TinyEditPolicy(width=32, depth=1, heads=2, weights=str(on))
