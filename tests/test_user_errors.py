@@ -232,6 +232,9 @@ NOISE = (
     "LeafSpec",  # torch's deprecation, raised inside Lightning's _pytree.py
     "in eval mode at the start of training",  # our frozen judges, on purpose
     "FLOPs",  # a count nothing measured: Total FLOPs: 0
+    "WeightAveraging",  # "may run out of memory" unsharded; "loading ... outside 'fit'"
+    "dirpath has changed",  # validate / test log to a new run: another folder, always
+    "Epoch 0/-",  # Lightning's rich bar on a max_steps run: Epoch 0/-2
 )
 
 
