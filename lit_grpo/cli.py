@@ -209,6 +209,7 @@ class LitGRPOCLI(LightningCLI):
             else cb
             for cb in trainer.callbacks
         ]
+        quiet_trainer(trainer)
         return trainer
 
     def instantiate_classes(self) -> None:
@@ -382,7 +383,8 @@ def quiet_lightning() -> None:
     """Silence what a normal run would print that the user cannot act on (and only that):
     Lightning's advert for litlogger; torch's LeafSpec deprecation, raised inside
     Lightning's own `_pytree.py`; and "Found N module(s) in eval mode", which our stages
-    cause on purpose (frozen reward judges, segmenter and metric networks). Installed by the
+    cause on purpose (frozen reward judges, segmenter and metric networks); WeightAveraging's
+    note that a checkpoint loaded outside `fit` has no averaging state. Installed by the
     CLI, not at import of the library."""
     warnings.filterwarnings(
         "ignore",
@@ -392,9 +394,40 @@ def quiet_lightning() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
     )
+    # said on every validate / test / predict from a checkpoint, whose weights are the
+    # average (what these should use): the warning itself says to ignore it
+    warnings.filterwarnings(
+        "ignore",
+        message=r"You're using the WeightAveraging callback, but loading a checkpoint outside",
+    )
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if LIGHTNING_TIPS not in rank_zero.filters:
         rank_zero.addFilter(LIGHTNING_TIPS)
+
+
+def quiet_trainer(trainer) -> None:
+    """What a normal run would print that depends on the trainer. WeightAveraging warns that
+    it may run out of memory with any module that overrides `configure_model`: ours shards
+    only under `ModelParallelStrategy`, where the warning stays (the filter lasts for the
+    process: one command). Lightning's rich progress bar reads `Epoch 0/-2` on a `max_steps`
+    run: ours reads `Epoch 0`."""
+    from lightning.pytorch.callbacks import RichProgressBar as LightningRichProgressBar
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_grpo.callbacks import RichProgressBar
+
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        warnings.filterwarnings(
+            "ignore",
+            message=r"You're using the WeightAveraging callback with a model that overrides "
+            "the configure_model",
+        )
+    trainer.callbacks = [
+        RichProgressBar(cb.refresh_rate, cb._leave, cb.theme, cb._console_kwargs)
+        if type(cb) is LightningRichProgressBar
+        else cb
+        for cb in trainer.callbacks
+    ]
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

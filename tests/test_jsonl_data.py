@@ -435,6 +435,78 @@ def test_expand_command_end_to_end(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 12
 
 
+def test_expand_refuses_lines_that_would_damage_the_data(tmp_path, capsys):
+    """Undecodable text, bad boxes, non-images and masks of another size are named by
+    file:line (all at once), and nothing is written; so is an input with no line."""
+    from test_user_errors import error_of
+
+    from lit_grpo.__main__ import main
+
+    _, rows = shapeworld_rows(tmp_path, 1)  # imgs/0.png, 16x16 px, and its mask
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    save_png(tmp_path / "small_mask.png", torch.ones(8, 8, dtype=torch.bool))
+    good = {"image": "imgs/0.png", "object": "circle"}
+    src = tmp_path / "objects.jsonl"
+    src.write_bytes(
+        b'{"image": "imgs/0.png", "object": "caf\xe9 mug"}\n'
+        + "".join(
+            json.dumps(good | extra) + "\n"
+            for extra in (
+                {"box": "abc"},
+                {"box": [0, 0, 40, 8]},
+                {"image": "passwd"},
+                {"mask": "small_mask.png"},
+                {},
+            )
+        ).encode()
+    )
+    out = tmp_path / "samples.jsonl"
+    args = ["expand", "--annotations", str(src), "--out", str(out)]
+    line = error_of(capsys, *args)
+    assert line == f"lit_grpo expand: error: 5 of 6 annotation lines of {src} are bad:"
+    assert not out.exists()
+    main(args)
+    listed = capsys.readouterr().err.splitlines()[1:]
+    passwd = tmp_path / "passwd"
+    assert listed == [
+        f"  {src}:1: not UTF-8 text (byte 0xe9 at byte 39)",
+        f"  {src}:2: box 'abc' must be 4 numbers [x0, y0, x1, y1] in pixels",
+        f"  {src}:3: box [0, 0, 40, 8] must satisfy 0 <= x0 < x1 <= 16 and 0 <= y0 < y1 <= 16 "
+        "(the image is 16x16 px; x1, y1 exclusive)",
+        f"  {src}:4: image {passwd} is not a readable image (UnidentifiedImageError: cannot "
+        f"identify image file '{passwd}')",
+        f"  {src}:5: mask {tmp_path / 'small_mask.png'} is 8x8 px, the image 16x16 px",
+        "Fix them, or pass --on-bad-row skip to leave them out (nothing written)",
+    ]
+    # skipped, the good line alone is written, its text intact
+    assert main([*args, "--on-bad-row", "skip"]) == 0
+    assert capsys.readouterr().err.splitlines()[1:] == listed[:-1]
+    assert {json.loads(x)["object"] for x in out.read_text().splitlines()} == {"circle"}
+    # more than 50 bad lines: the first 50 and a count
+    many = write_jsonl(tmp_path / "many.jsonl", [good | {"box": [1, 2]}] * 53)
+    main(["expand", "--annotations", str(many), "--out", str(out), "--force"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"lit_grpo expand: error: no good annotation line in {many} (53 bad):"
+    assert err[50] == f"  {many}:50: box [1, 2] must be 4 numbers [x0, y0, x1, y1] in pixels"
+    assert err[51:] == ["  ... and 3 more", "nothing written"]
+    # an input with no annotation line
+    for text in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        line = error_of(
+            capsys,
+            "expand",
+            "--annotations",
+            str(tmp_path / "empty.jsonl"),
+            "--out",
+            str(out),
+            "--force",
+        )
+        assert line == (
+            f"lit_grpo expand: error: {tmp_path / 'empty.jsonl'} holds no annotation line: "
+            "nothing to expand"
+        )
+
+
 def test_expand_help_explains_itself(capsys):
     from lit_grpo.__main__ import main
 

@@ -176,6 +176,20 @@ def test_export_names_an_output_folder_it_cannot_create(tmp_path, capsys):
     assert (tmp_path / "new/x.safetensors").is_file()  # a missing folder is created
 
 
+def test_export_overwrites_an_existing_file_only_with_force(tmp_path, capsys):
+    out = tmp_path / "editor.safetensors"
+    out.write_bytes(b"an earlier export")
+    for extra in ([], ["--lora-diffusers"]):
+        line = error_of(capsys, "export", "shapeworld-sft", str(out), *extra)
+        assert line == f"lit_grpo export: error: {out} exists; pass --force to overwrite it"
+    assert out.read_bytes() == b"an earlier export"  # as `expand` words it, and refuses
+    assert main(["export", "shapeworld-sft", str(out), "--force"]) == 0
+    assert "wrote TinyEditPolicy" in capsys.readouterr().out and out.stat().st_size > 1000
+    with pytest.raises(SystemExit):  # an argparse error, exit 2
+        main(["export", str(out), str(out), "--force"])
+    assert "OUT must not be the checkpoint it exports" in capsys.readouterr().err
+
+
 def _start_logger(root: str, barrier, results) -> None:
     from lit_grpo.loggers import MLflowLogger
 
@@ -218,6 +232,9 @@ NOISE = (
     "LeafSpec",  # torch's deprecation, raised inside Lightning's _pytree.py
     "in eval mode at the start of training",  # our frozen judges, on purpose
     "FLOPs",  # a count nothing measured: Total FLOPs: 0
+    "WeightAveraging",  # "may run out of memory" unsharded; "loading ... outside 'fit'"
+    "dirpath has changed",  # validate / test log to a new run: another folder, always
+    "Epoch 0/-",  # Lightning's rich bar on a max_steps run: Epoch 0/-2
 )
 
 

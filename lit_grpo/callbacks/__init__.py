@@ -4,7 +4,7 @@ from lit_grpo.callbacks.checkpoint import ModelCheckpoint
 from lit_grpo.callbacks.early_exit import EarlyExitSelector
 from lit_grpo.callbacks.ema import EMAWeightAveraging
 from lit_grpo.callbacks.lora_export import LoraExporter
-from lit_grpo.callbacks.progress import PhaseProgressBar
+from lit_grpo.callbacks.progress import PhaseProgressBar, RichProgressBar
 from lit_grpo.callbacks.rollout_images import RolloutImageLogger
 from lit_grpo.callbacks.stop import StopOnSignal
 from lit_grpo.callbacks.summary import ModelSummary
@@ -17,6 +17,7 @@ __all__ = [
     "ModelCheckpoint",
     "ModelSummary",
     "PhaseProgressBar",
+    "RichProgressBar",
     "RolloutImageLogger",
     "StopOnSignal",
     "ThroughputMonitor",

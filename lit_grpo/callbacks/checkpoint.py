@@ -59,8 +59,19 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._stage = stage
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Outside `fit` nothing is saved, so the saving state (best k, last path) is of no
+        use: only `best_model_path` is read, as Lightning does when the folder changed, and
+        without its "dirpath has changed" warning (validate and test log to a new run, so
+        their folder always differs from the checkpoint's)."""
+        if getattr(self, "_stage", "fit") != "fit":
+            self.best_model_path = state_dict["best_model_path"]
+            return
+        super().load_state_dict(state_dict)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

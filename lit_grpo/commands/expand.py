@@ -63,6 +63,7 @@ def main(argv: list[str]) -> int:
 
     from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir
     from lit_grpo.datamodules.instructions import expand_annotation
+    from lit_grpo.datamodules.jsonl_rows import MAX_LISTED, ImageProbe
 
     src = ensure_file(args.annotations, "annotation file (--annotations)", "Pass a jsonl file.")
     out = Path(args.out).expanduser()
@@ -73,17 +74,14 @@ def main(argv: list[str]) -> int:
     ensure_writable_dir(out.parent, "output directory (--out)")
     tasks = list(dict.fromkeys(args.tasks))
 
-    samples, bad = [], []
-    with open(src, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    samples, bad, lines = [], [], 0
+    probe = ImageProbe(check_pixels=False)
+    with open(src, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                note = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.append(f"{src}:{n}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            problem = _check(note, src.parent)
+            lines += 1
+            note, problem = _read(raw, src.parent, probe)
             if problem:
                 bad.append(f"{src}:{n}: {problem}")
                 continue
@@ -93,38 +91,68 @@ def main(argv: list[str]) -> int:
                     note[key] = os.path.relpath(path, out.parent.resolve())
             rng = np.random.default_rng([args.seed, n])
             samples += expand_annotation(note, tasks, rng)
+    if not lines:
+        raise ConfigError(f"{src} holds no annotation line: nothing to expand")
     if bad:
-        listed = "\n  ".join(bad[:50]) + (
-            f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-        )
+        listed = "\n  ".join(bad[:MAX_LISTED])
+        if len(bad) > MAX_LISTED:
+            listed += f"\n  ... and {len(bad) - MAX_LISTED} more"
+        if not samples:
+            raise ConfigError(
+                f"no good annotation line in {src} ({len(bad)} bad):\n  {listed}\nnothing written"
+            )
         if args.on_bad_row == "error":
             raise ConfigError(
-                f"{len(bad)} bad annotation line(s):\n  {listed}\nFix them, or pass "
-                "--on-bad-row skip to leave them out"
+                f"{len(bad)} of {lines} annotation lines of {src} are bad:\n  {listed}\nFix "
+                "them, or pass --on-bad-row skip to leave them out (nothing written)"
             )
         print(f"skipped {len(bad)} bad annotation line(s):\n  {listed}", file=sys.stderr)
     with open(out, "w", encoding="utf-8") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    kept = len(samples) // (4 * len(tasks)) if samples else 0
+    kept = len(samples) // (4 * len(tasks))
     print(f"wrote {len(samples)} samples ({kept} annotations x {len(tasks)} task(s) x 4) to {out}")
     return 0
 
 
-def _check(note, folder) -> str | None:
-    """What is wrong with an annotation line, or None. Images are checked to exist (not
-    decoded: `JsonlDataModule` checks each file when it reads the samples)."""
+def _read(raw: bytes, folder, probe) -> tuple[dict | None, str | None]:
+    """(the annotation, None), or (None, all that is wrong with the line). Images and masks
+    must exist and be images (PIL's `verify`: the header and structure, cheap; the pixels
+    are decoded when `JsonlDataModule` reads the samples), a mask the image's size, a box 4
+    numbers inside the image."""
+    import json
+
+    from lit_grpo.datamodules.jsonl_rows import check_box
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1})"
+    try:
+        note = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg} at column {err.colno})"
     if not isinstance(note, dict):
-        return "expected a JSON object with image and object"
+        return None, "expected a JSON object with image and object"
     missing = [
         k for k in ("image", "object") if not isinstance(note.get(k), str) or not note[k].strip()
     ]
     if missing:
-        return f"needs non-empty string(s) {', '.join(map(repr, missing))}"
-    for key in ("image", "mask"):
-        if note.get(key) is not None and not (folder / str(note[key])).is_file():
-            return f"{key} not found: {folder / str(note[key])}"
-    return None
+        return None, f"needs non-empty string(s) {', '.join(map(repr, missing))}"
+    problems = []
+    if note.get("mask") is not None and not isinstance(note["mask"], str):
+        problems.append(f"'mask' must be a path, got {note['mask']!r}")
+    size = probe(folder / note["image"], "image", problems)
+    if isinstance(note.get("mask"), str):
+        mask_size = probe(folder / note["mask"], "mask", problems)
+        if size and mask_size and mask_size != size:
+            problems.append(
+                f"mask {folder / note['mask']} is {mask_size[0]}x{mask_size[1]} px, the image "
+                f"{size[0]}x{size[1]} px"
+            )
+    if note.get("box") is not None and size is not None:
+        check_box(note["box"], size, problems)
+    return (None, "; ".join(problems)) if problems else (note, None)
 
 
 if __name__ == "__main__":

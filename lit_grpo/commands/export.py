@@ -36,15 +36,21 @@ def main(argv: list[str]) -> int:
         default="policy.transformer",
         help="with --lora-diffusers: the checkpoint's module that carries the adapter",
     )
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         parser.error(f"OUT must end in .safetensors, got {args.out!r}")
 
     from pathlib import Path
 
-    from lit_grpo.checks import ensure_writable_dir
+    from lit_grpo.checks import ConfigError, ensure_writable_dir
 
-    ensure_writable_dir(Path(args.out).expanduser().parent, "output directory (OUT)")
+    out = Path(args.out).expanduser()
+    if out.resolve() == Path(args.ckpt).expanduser().resolve():
+        parser.error("OUT must not be the checkpoint it exports")
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    ensure_writable_dir(out.parent, "output directory (OUT)")
     if args.lora_diffusers:
         return _export_diffusers_lora(args.ckpt, args.out, args.module, args.half)
     from lit_grpo.policies.weights import load_policy, recorded_resolution, save_policy_weights

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from lit_grpo.checks import ConfigError
@@ -60,7 +59,7 @@ def read_rows(
     path = Path(path)
     base = path.parent / image_root
     rows, bad, unknown = [], [], set()
-    probe = _ImageProbe(check_pixels)
+    probe = ImageProbe(check_pixels)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             origin = f"{path}:{n}"
@@ -121,7 +120,7 @@ def _check_row(value: dict, base: Path, origin: str, require_target: bool, probe
             problems.append(f"mask {mask} is {_wxh(mask_size)}, the image {_wxh(size)}")
     box = given.get("box")
     if box is not None and size is not None:
-        box = _check_box(box, size, problems)
+        box = check_box(box, size, problems)
     if require_target and "target" not in given:
         problems.append("no 'target' image (SFT trains on target images)")
     if problems:
@@ -137,7 +136,7 @@ def _wxh(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]} px"
 
 
-class _ImageProbe:
+class ImageProbe:
     """(width, height) of image files whose data checks out; a problem noted otherwise.
     Remembers each file's answer."""
 
@@ -169,7 +168,9 @@ class _ImageProbe:
         return size
 
 
-def _check_box(box, size: tuple[int, int], problems: list[str]):
+def check_box(box, size: tuple[int, int], problems: list[str]):
+    """The box as 4 floats if it is 4 finite numbers inside an image of `size`; None and a
+    problem noted otherwise."""
     w, h = size
     ok = (
         isinstance(box, list)
@@ -202,4 +203,6 @@ def report_bad_rows(bad: list[str], total: int, path: Path, on_bad_row: str) -> 
             f"{len(bad)} of {total} rows of {path} are bad:\n  {listed}\nFix them, or set "
             "data.init_args.on_bad_row: skip to leave them out"
         )
+    from lightning.pytorch.utilities import rank_zero_warn  # lazy: `expand` needs no Lightning
+
     rank_zero_warn(f"skipping {len(bad)} of {total} rows of {path}:\n  {listed}")
