@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from lit_grpo.datamodules.shapeworld import ShapeWorld
     from lit_grpo.perception import ColourSegmenter
     from lit_grpo.perception.geometry import achieved_rotation, shape_iou, wrap_degrees
-    from lit_grpo.rewards.spatial import RotationReward, talk2move_rotation_score
     from lit_grpo.policies.weights import load_policy
+    from lit_grpo.rewards.spatial import RotationReward, talk2move_rotation_score
     from lit_grpo.sampling.rollout import RolloutSampler
     from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory
 
