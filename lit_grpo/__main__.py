@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from lit_grpo.checks import ConfigError
+    from lit_grpo.checks import ConfigError, RunFailed
 
     try:
         from lit_grpo.cli import run_cli
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, PermissionError) as err:
         print(f"lit_grpo {command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # a broken reward, a run that trains nothing: the run FAILED
+        print(f"lit_grpo {command}: error: {err}", file=sys.stderr)
+        return 1
     from lit_grpo.callbacks import StopOnSignal
 
     # a fit stopped by SIGINT / SIGTERM: 128 + the signal, as a shell reports it

@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A user mistake in a config or argument; the CLI prints it without a traceback."""
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on, for the reason its one-line message names (a reward that
+    raised or broke its contract, a run that trains nothing). The CLI prints it without a
+    traceback and exits 1; Lightning ends the logger's run as FAILED."""
+
+
 def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 

@@ -161,6 +161,7 @@ class LitGRPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
             _check_training_length(config.trainer)
+        _check_accelerator(config.trainer, [str(f) for f in config.get("config") or []])
         root = config.trainer.get("default_root_dir") or "."
         ensure_writable_dir(root, "output directory (trainer.default_root_dir)")
         logger = config.trainer.get("logger")
@@ -279,19 +280,46 @@ def _check_training_length(trainer) -> None:
         )
 
 
+def _check_accelerator(trainer, files: list[str]) -> None:
+    """A GPU asked for on a machine without one (the strategy overlays ask for two): one line
+    saying how to run on the CPU, where Lightning ends 40 lines of traceback with "No
+    supported gpu backend found!"."""
+    wanted = trainer.get("accelerator")
+    if not isinstance(wanted, str) or wanted.lower() not in ("gpu", "cuda"):
+        return
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    if CUDAAccelerator.is_available() or (wanted == "gpu" and MPSAccelerator.is_available()):
+        return
+    import re
+
+    setting = re.compile(rf"^\s*accelerator:\s*['\"]?{wanted}\b", re.MULTILINE)
+    where = [f for f in files if Path(f).is_file() and setting.search(Path(f).read_text())]
+    source = f" (set by {where[-1]})" if where else ""
+    raise ConfigError(
+        f"trainer.accelerator is {wanted!r}{source}, but this machine has no GPU that torch "
+        "can use. Add --trainer.accelerator=cpu to run on the CPU (a strategy overlay's ranks "
+        "then run as CPU processes over gloo), or run where a GPU is"
+    )
+
+
 def _user_error(err: BaseException) -> ConfigError | None:
     """The user's mistake behind an error from building the classes of a config, if any.
 
     jsonargparse wraps a constructor's error in its own ("Does not validate against any of
     the Union subtypes ...", the original as `__cause__`), once per level of nesting. The
-    mistake is a `ConfigError`, or a ValueError raised by the `__init__` of a lit_grpo class
-    itself: that is an argument check, and its message names the argument.
+    mistake is a `ConfigError`, a ValueError raised by the `__init__` of a lit_grpo class
+    itself (an argument check: its message names the argument), or a FileNotFoundError
+    raised by lit_grpo code (a data or weights file the config names; the message names the
+    key and the path).
     """
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, ConfigError):
             return err
+        if isinstance(err, FileNotFoundError) and _raised_by_lit_grpo(err):
+            return ConfigError(str(err))
         if type(err) is ValueError:
             owner = _raising_constructor(err)
             if owner is not None:
@@ -300,16 +328,26 @@ def _user_error(err: BaseException) -> ConfigError | None:
     return None
 
 
-def _raising_constructor(err: BaseException) -> str | None:
-    """The class name if `err` was raised directly by the `__init__` of a lit_grpo class."""
+def _innermost_frame(err: BaseException):
     tb = err.__traceback__
     if tb is None:
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next
-    frame = tb.tb_frame
+    return tb.tb_frame
+
+
+def _raised_by_lit_grpo(err: BaseException) -> bool:
+    """Whether `err` was raised by lit_grpo's own code (its message is ours)."""
+    frame = _innermost_frame(err)
     package = str(Path(__file__).resolve().parent)
-    if frame.f_code.co_name != "__init__" or not frame.f_code.co_filename.startswith(package):
+    return frame is not None and frame.f_code.co_filename.startswith(package)
+
+
+def _raising_constructor(err: BaseException) -> str | None:
+    """The class name if `err` was raised directly by the `__init__` of a lit_grpo class."""
+    frame = _innermost_frame(err)
+    if frame is None or frame.f_code.co_name != "__init__" or not _raised_by_lit_grpo(err):
         return None
     owner = frame.f_locals.get("self")
     return type(owner).__name__ if owner is not None else None

@@ -13,6 +13,7 @@ from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule
 from lit_grpo.modules.objectives import clipped_policy_loss, gathered_group_advantages
+from lit_grpo.modules.stalls import TrainingStalled
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import (
@@ -256,8 +257,13 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on():
 def test_nonfinite_iterations_in_a_row_stop_the_run_naming_the_step():
     module = make_module(policy_cls=NaNUnderGradPolicy, max_nonfinite_in_a_row=3)
     before = lora_params(module)
-    with pytest.raises(FloatingPointError, match=r"iterations 0\.\.2 \(global_step 2\)"):
+    with pytest.raises(TrainingStalled) as err:
         fit_steps(module, 10)
+    assert str(err.value).startswith(
+        "GRPO stepped nothing for 3 iterations in a row (iterations 0..2, global_step 2, "
+        "model.init_args.max_nonfinite_in_a_row=3): a minibatch's loss or gradient was not "
+        "finite (train/nonfinite_skipped). Those steps were skipped, not taken."
+    )
     assert all(torch.equal(before[n], p) for n, p in lora_params(module).items())  # no step
 
 
@@ -317,6 +323,8 @@ def test_constructor_errors():
         make_module(lora=None, kl_beta=0.1)
     with pytest.raises(ValueError, match="max_nonfinite_in_a_row"):
         make_module(max_nonfinite_in_a_row=0)
+    with pytest.raises(ValueError, match="max_skipped_in_a_row must be >= 1, got 0"):
+        make_module(max_skipped_in_a_row=0)
 
 
 # --- DDP: 2 gloo processes give the same advantages and loss as one --------------------------

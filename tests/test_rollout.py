@@ -8,7 +8,7 @@ from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
 from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import EditSpec, Scorer, TranslationReward
-from lit_grpo.rewards.base import Reward, RewardOutput
+from lit_grpo.rewards.base import Reward, RewardFailed, RewardOutput
 from lit_grpo.sampling.noise import IndependentNoise, NoiseBuilder, SharedInitialNoise
 from lit_grpo.sampling.rollout import RolloutSampler
 from lit_grpo.sampling.sde import reduce_log_prob, sde_std, sde_step
@@ -206,7 +206,11 @@ def test_rewards_see_the_edit_spec_and_detections_never_the_ground_truth():
     for truth in ("target", "mask_after", "box_after", "centre_after", "batch"):
         assert truth not in seen
     assert torch.equal(EditSpec.from_batch(batch).factor, batch["factor"])
-    with pytest.raises(ValueError, match=r"\[N\]"):
+    with pytest.raises(RewardFailed) as err:
         Scorer([WrongShapeReward()])(batch["source"], batch)
+    assert str(err.value) == (
+        "reward WrongShapeReward 'wrong' returned scores of shape (3, 2); the contract is "
+        "[N] = (3,), one score per edit"
+    )
     with pytest.raises(KeyError, match="edit-spec"):
         EditSpec.from_batch({"source": batch["source"]})

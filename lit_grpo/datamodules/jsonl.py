@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from lit_grpo.checks import ConfigError
 from lit_grpo.datamodules.jsonl_rows import OPTIONAL, REQUIRED, read_rows, report_bad_rows
 from lit_grpo.datamodules.resumable import EpochSampler, ResumableLoader
+from lit_grpo.datamodules.shapeworld import MAX_RESOLUTION
 
 
 class JsonlEditDataset(Dataset):
@@ -70,9 +71,7 @@ class JsonlEditDataset(Dataset):
             raise ConfigError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
         self.path = Path(path)
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-        if min(h, w) < 1:
-            raise ConfigError(f"resolution must be positive, got {resolution}")
-        self.resolution = (int(h), int(w))
+        self.resolution = _checked_side(int(h), int(w))
         rows, bad, unknown = read_rows(self.path, image_root, require_target, check_pixels)
         if unknown:
             rank_zero_warn(
@@ -111,6 +110,17 @@ class JsonlEditDataset(Dataset):
             x0, y0, x1, y1 = row.box
             sample["box_before"] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
         return sample
+
+
+def _checked_side(h: int, w: int) -> tuple[int, int]:
+    """(h, w) if both are within 1..MAX_RESOLUTION px, else a ConfigError naming the key."""
+    if not (1 <= h <= MAX_RESOLUTION and 1 <= w <= MAX_RESOLUTION):
+        raise ConfigError(
+            f"data.init_args.resolution {h}x{w}: each side must be within 1..{MAX_RESOLUTION} "
+            "px (lit_grpo.datamodules.shapeworld.MAX_RESOLUTION: no supported backbone edits "
+            "above it)"
+        )
+    return h, w
 
 
 def _open(path: Path, origin: str) -> Image.Image:
@@ -153,9 +163,10 @@ class JsonlDataModule(L.LightningDataModule):
         train, val, test: jsonl files of the splits (predict uses test, else val); a split
             left out has no loader.
         image_root: the folder the rows' paths start from, relative to each jsonl's folder.
-        resolution: side (or [H, W]) images are resized to. None: taken in `setup` from the
-            policy's `resolution` attribute where it has one (a policy may declare the size
-            it was trained at), else an error asks for it.
+        resolution: side (or [H, W]) images are resized to, at most `MAX_RESOLUTION` (2048)
+            px a side. None: taken in `setup` from the policy's `resolution` attribute where
+            it has one (a policy may declare the size it was trained at), else an error asks
+            for it.
         on_bad_row: "error" stops at setup listing every bad row (file:line: what is
             wrong); "skip" warns with the count and lines and leaves them out.
         check_pixels: decode every distinct image file at setup (catches truncated JPEGs);
@@ -192,6 +203,9 @@ class JsonlDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.init_args.on_bad_row must be 'skip' or 'error', got {on_bad_row!r}"
             )
+        if resolution is not None:  # refused before any file is read
+            sides = (resolution,) * 2 if isinstance(resolution, int) else resolution
+            _checked_side(int(sides[0]), int(sides[-1]))
         self.files = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
         if not self.files:
             raise ConfigError(
@@ -238,6 +252,7 @@ class JsonlDataModule(L.LightningDataModule):
                 "not say what size it takes"
             )
         h, w = (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+        h, w = _checked_side(h, w)
         self.hparams.resolution = h if h == w else [h, w]  # recorded in checkpoints for `edit`
         if policy is not None and hasattr(policy, "token_grid"):
             rows, cols = policy.token_grid((1024, 1024))  # pixels per token side, probed

@@ -74,6 +74,12 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 ROTATION_ANGLES = (45, 90, 135, 180)
 SCALE_FACTORS = (0.5, 0.75, 1.5, 2.0)
 MIN_RESOLUTION = 16
+# the largest image side a data module accepts (ShapeWorld's and JsonlDataModule's): above
+# what the supported backbones edit at (FLUX.1 Kontext and Qwen-Image-Edit: about 1024 px),
+# and a GRPO batch's images alone grow with its square (32 rollouts at 4096 px: 6.4 GB of
+# float32 pixels) while the embedded editor's attention grows faster. A bound on nonsense,
+# not a memory estimate: a side under it can still be too big for a machine.
+MAX_RESOLUTION = 2048
 
 _COLOUR_NAMES = tuple(COLORS)
 _TRIANGLE = ((0.0, 1.0), (-0.6, -0.5), (0.6, -0.5))  # unit size, math axes (y up)
@@ -377,8 +383,12 @@ class ShapeWorld(torch.utils.data.Dataset):
         bad = [t for t in tasks if t not in TASKS]
         if not tasks or bad:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
-        if resolution < MIN_RESOLUTION:
-            raise ValueError(f"resolution must be >= {MIN_RESOLUTION}, got {resolution}")
+        if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+            raise ValueError(
+                f"resolution must be within {MIN_RESOLUTION}..{MAX_RESOLUTION} px, got "
+                f"{resolution} (lit_grpo.datamodules.shapeworld.MAX_RESOLUTION: no supported "
+                "backbone edits above it)"
+            )
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         if not 0.0 < move_fraction <= 0.4:

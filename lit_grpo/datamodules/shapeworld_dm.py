@@ -16,7 +16,7 @@ class ShapeWorldDataModule(L.LightningDataModule):
     """Paired ShapeWorld edits: source, instruction, exact target, masks and boxes.
 
     Args:
-        resolution: image side in pixels.
+        resolution: image side in pixels, 16..2048 (`shapeworld.MAX_RESOLUTION`).
         batch_size: conditions per batch (a GRPO stage samples a group for each).
         tasks: any of translate, rotate, scale.
         train_size, val_size, test_size: samples per split (train: one epoch).

@@ -17,14 +17,16 @@ One training step reads top to bottom (manual optimisation; the loop is `trainin
 4. the update: inner epochs x minibatches x trained steps of the clipped ratio loss
    (+ beta x KL to the adapter-off reference), gradient clipping, LR schedule; a minibatch
    with a non-finite loss or gradient is skipped, and too many such iterations in a row
-   stop the run.
+   stop the run; so do too many iterations in a row with nothing to train
+   (`lit_grpo.modules.stalls`: the CLI says why in one line, exit 1, the run ends FAILED).
 
 Host syncs: sampling, scoring and the update read nothing back from the device (see
 `lit_grpo.sampling.rollout`, `lit_grpo.modules.update`); the statistics stay tensors until
 `_log_step` logs them. One value is read between the rewards and the update, with no
 phase running: whether any row of any rank trains (gathered data, so every rank decides
 alike). An iteration with nothing to train (every group zero-spread, every reward NaN)
-then runs no forward or backward pass at all. `micro_batch_size` bounds the rows one
+then runs no forward or backward pass at all, and reads two counts more, to name its cause
+(`lit_grpo.modules.stalls.skip_cause`). `micro_batch_size` bounds the rows one
 forward pass sees in sampling and in the update; activation checkpointing
 (`EditPolicy.checkpoint_activations`) and bf16 are the policy's and the Trainer's
 (`precision: bf16-mixed`).
@@ -59,6 +61,7 @@ from lit_grpo.modules.objectives import (
 from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
+from lit_grpo.modules.stalls import NONFINITE_LOSS, InARow, skip_cause
 from lit_grpo.modules.statistics import nanmean, step_statistics
 from lit_grpo.modules.update import ClippedUpdate, PolicyTargets
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
@@ -101,6 +104,10 @@ class GRPOModule(PolicyStage):
             the warm-up.
         max_nonfinite_in_a_row: stop with an error after this many consecutive iterations
             whose loss or gradient was not finite (their steps are skipped, not taken).
+        max_skipped_in_a_row: stop with an error after this many consecutive iterations
+            with nothing to train (every group zero-spread, every reward non-finite, the
+            object found in no edit), naming the cause (`lit_grpo.modules.stalls`). 20 is
+            far above the streaks a run that learns shows, and costs a few minutes at most.
         eval_steps: ODE steps for validation edits.
         grid_size: validation edits in the logged image grid.
         metrics: the edit metrics for validation and test (`EditMetrics()`, the spatial
@@ -138,6 +145,7 @@ class GRPOModule(PolicyStage):
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         max_nonfinite_in_a_row: int = 3,
+        max_skipped_in_a_row: int = 20,
         eval_steps: int = 10,
         grid_size: int = 4,
         metrics: EditMetrics | None = None,
@@ -148,8 +156,12 @@ class GRPOModule(PolicyStage):
             raise ValueError("GRPO needs at least one reward")
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
-        if max_nonfinite_in_a_row < 1:
-            raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {max_nonfinite_in_a_row}")
+        for name, limit in (
+            ("max_nonfinite_in_a_row", max_nonfinite_in_a_row),
+            ("max_skipped_in_a_row", max_skipped_in_a_row),
+        ):
+            if limit < 1:
+                raise ValueError(f"{name} must be >= 1, got {limit}")
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         if isinstance(strategy, EarlyExit) and strategy.exit_step >= sample_steps:
@@ -178,7 +190,23 @@ class GRPOModule(PolicyStage):
             clip_range, kl_beta, inner_epochs, minibatches, max_grad_norm, micro_batch_size
         )
         self.iteration = 0  # GRPO iterations (rollout batches), whether or not they step
-        self.nonfinite_in_a_row = 0  # consecutive iterations with a non-finite loss or grad
+        # consecutive iterations that stepped nothing (a non-finite loss or gradient), and
+        # that had nothing to train: each stops the run at its limit (modules/stalls.py)
+        self.nonfinite_streak = InARow(
+            max_nonfinite_in_a_row,
+            "stepped nothing",
+            "max_nonfinite_in_a_row",
+            "Those steps were skipped, not taken. Lower the learning rate, check the policy's "
+            "outputs and the rewards (groups/dropped_samples), or resume from the last "
+            "checkpoint.",
+        )
+        self.skipped_streak = InARow(
+            max_skipped_in_a_row,
+            "trained nothing",
+            "max_skipped_in_a_row",
+            "Look at a few scored rollouts (lit_grpo.callbacks.RolloutImageLogger): do the "
+            "rewards and the segmenter work on this data?",
+        )
         self.phase = "idle"
         self._generator: torch.Generator | None = None
 
@@ -321,8 +349,19 @@ class GRPOModule(PolicyStage):
         n_cond = batch["source"].shape[0]
         self.log_dict(log, batch_size=n_cond)
         self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
-        if not skipped:  # an iteration that computed no loss neither breaks nor extends a run
-            self._check_nonfinite(bool(stats["nonfinite_skipped"] > 0))
+        step = self.global_step
+        if skipped:  # nothing computed: neither breaks nor extends a non-finite streak
+            cause = skip_cause(scores.total, scores.parts["object_found"], self.gather)
+            self.skipped_streak.update(cause, self.iteration, step)
+            return
+        self.skipped_streak.update(None, self.iteration, step)
+        nonfinite = bool(stats["nonfinite_skipped"] > 0)
+        self.nonfinite_streak.update(NONFINITE_LOSS if nonfinite else None, self.iteration, step)
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        """Consecutive iterations with a non-finite loss or gradient, up to now."""
+        return self.nonfinite_streak.count
 
     def _count_iteration(self) -> None:
         """Advance `trainer.global_step` by one: it counts GRPO iterations.
@@ -340,21 +379,6 @@ class GRPOModule(PolicyStage):
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()
-
-    def _check_nonfinite(self, nonfinite: bool) -> None:
-        """Count iterations with a non-finite loss or gradient in a row; stop at the limit."""
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
-        limit = self.hparams.max_nonfinite_in_a_row
-        if self.nonfinite_in_a_row >= limit:
-            first = self.iteration - self.nonfinite_in_a_row + 1
-            raise FloatingPointError(
-                f"GRPO iterations {first}..{self.iteration} (global_step {self.global_step}) "
-                f"all had a non-finite loss or gradient ({limit} in a row, "
-                "model.init_args.max_nonfinite_in_a_row); those steps were skipped, not "
-                "taken. Lower the learning rate, check the policy's outputs and the rewards "
-                "(train/nonfinite_skipped, groups/dropped_samples), or resume from the last "
-                "checkpoint."
-            )
 
     @contextmanager
     def _phase(self, phase: str, clock: PhaseClock) -> Iterator[None]:
@@ -431,13 +455,16 @@ class GRPOModule(PolicyStage):
         super().on_save_checkpoint(checkpoint)
         checkpoint["grpo_iteration"] = self.iteration
         checkpoint["grpo_nonfinite_in_a_row"] = self.nonfinite_in_a_row
+        checkpoint["grpo_skipped_in_a_row"] = self.skipped_streak.state_dict()
         # every data-parallel rank draws its own noise: the checkpoint (written by rank 0, or
         # rank 0's meta.pt) keeps them all, [ranks, state bytes]
         checkpoint["grpo_generators"] = self.gather(self.generator.get_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("grpo_iteration", 0))
-        self.nonfinite_in_a_row = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
+        nonfinite = int(checkpoint.get("grpo_nonfinite_in_a_row", 0))
+        self.nonfinite_streak.load_state_dict({"causes": {NONFINITE_LOSS: nonfinite}})
+        self.skipped_streak.load_state_dict(checkpoint.get("grpo_skipped_in_a_row") or {})
         states = checkpoint.get("grpo_generators")
         if states is None and checkpoint.get("grpo_generator") is not None:
             states = checkpoint["grpo_generator"][None]  # written before ranks were kept

@@ -14,8 +14,12 @@ Where we depart from the paper, on purpose: its region scores come from a traine
 model (SFReward); ours from the segmenter's masks (exact on ShapeWorld). The paper summary
 does not say what tokens outside every region get (ours: the regions partition the image)
 nor how region weights are set (ours: a config list, equal by default). A row takes part in
-the update when its total reward is finite and at least one of its regions has spread in its
-group; a region with no spread in a group gets advantage 0 there. `kl_beta` > 0 adds
+the update when its total reward is finite and at least one region the loss weighs
+(`region_weights` > 0) has spread in its group; a region with no spread in a group gets
+advantage 0 there. A group with no spread in any weighed region is counted as zero-spread
+(`groups/zero_spread_fraction`) and skipped, KL term included: a segmenter that finds nothing
+leaves the edit region empty and its score flat, and such a batch shows as skipped, not as a
+step with a loss of exactly 0 (and enough of them in a row stop the run, as in `GRPOModule`). `kl_beta` > 0 adds
 Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the whole image, per
 sample as in `GRPOModule`; the paper summary names no KL term, so this is ours.
 `kl_region_weights` (ours too) confines the KL to regions: per token, aggregated region by
@@ -124,6 +128,10 @@ class SpatialFlowGRPOModule(GRPOModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if region_weights is not None and not any(w > 0 for w in region_weights):
+            raise ValueError(
+                f"region_weights {region_weights} gives no region a weight > 0: nothing would train"
+            )
         hp = self.hparams
         self.updater = SpatialFlowUpdate(
             hp.clip_range,
@@ -140,13 +148,17 @@ class SpatialFlowGRPOModule(GRPOModule):
     def advantages(self, scores: Scores, record: RolloutRecord) -> tuple[Advantages, PolicyTargets]:
         out = self._regions(scores)
         total, total_values, _ = self.group_advantages(scores.total)
-        region_adv, region_valid = [], []
+        weighed = self._weighed_regions(out.regions.shape[1])
+        region_adv, region_valid, flat = [], [], []
         for r in range(out.regions.shape[1]):
-            _, values, valid = self.group_advantages(out.regions[:, r])
+            gathered, values, valid = self.group_advantages(out.regions[:, r])
             region_adv.append(values)
-            region_valid.append(valid)
+            if r in weighed:  # a region the loss gives no weight trains nothing
+                region_valid.append(valid)
+                flat.append(gathered.zero_spread)
         region_adv = torch.stack(region_adv, 1)  # [N, R]
         valid = torch.isfinite(scores.total) & torch.stack(region_valid, 1).any(1)
+        zero_spread = torch.stack(flat, 1).all(1)  # [groups of every rank]
         cover = torch.stack(
             [
                 self.policy.pixel_to_tokens(out.region_masks[:, r])
@@ -157,8 +169,15 @@ class SpatialFlowGRPOModule(GRPOModule):
         tokens = token_advantages(torch.where(valid[:, None], region_adv, 0.0), cover)
         # the rows that train: every rank's, for the loss denominator and the skip decision
         gathered = self.gather(valid)
-        adv = Advantages(total.values, total.zero_spread, gathered.reshape(-1))
+        adv = Advantages(total.values, zero_spread, gathered.reshape(-1))
         return adv, PolicyTargets(total_values, valid, self.loss_denominator(adv), tokens, cover)
+
+    def _weighed_regions(self, regions: int) -> list[int]:
+        """The regions the loss weighs (`region_weights` > 0; all of them by default)."""
+        weights = self.updater.region_weights or [1.0] * regions
+        if len(weights) != regions:
+            raise ValueError(f"{len(weights)} region_weights for {regions} regions")
+        return [r for r, w in enumerate(weights) if w > 0]
 
     def _regions(self, scores: Scores):
         if not scores.regions:

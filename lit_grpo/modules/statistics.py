@@ -3,6 +3,11 @@
 Masked reductions instead of boolean indexing (`x[torch.isfinite(x)]`) and branches on
 counts: both would read a value back from the device. The results stay 0-d tensors until
 the step logs them.
+
+Reward means and stds are over the finite values only, accumulated in float64 (a float32
+sum of rewards near 1e38 overflows to inf); a mean over no finite value is NaN, never 0.
+The non-finite rewards are counted on their own: `reward/nonfinite_fraction` (of the
+rollouts whose total reward is NaN or inf) and `groups/dropped_samples` (their number).
 """
 
 import torch
@@ -33,6 +38,7 @@ def step_statistics(scores: Scores, adv: Advantages) -> dict[str, Tensor]:
             "adv/abs_max": values.abs().max(),
             "groups/zero_spread_fraction": adv.zero_spread.float().mean(),
             "groups/dropped_samples": (~torch.isfinite(total)).sum().float(),
+            "reward/nonfinite_fraction": (~torch.isfinite(total)).float().mean(),
             "train/skipped": (~adv.valid.any()).float(),
         }
     )
@@ -40,15 +46,15 @@ def step_statistics(scores: Scores, adv: Advantages) -> dict[str, Tensor]:
 
 
 def nanmean(x: Tensor) -> Tensor:
-    """Mean of the finite values (NaN if none)."""
-    x = x.float()
+    """Mean of the finite values (NaN if none), in float64."""
+    x = x.double()
     finite = torch.isfinite(x)
     return torch.where(finite, x, 0.0).sum() / finite.sum()
 
 
 def nanstd(x: Tensor) -> Tensor:
-    """Unbiased std of the finite values (0 with fewer than two)."""
-    x = x.float()
+    """Unbiased std of the finite values (0 with fewer than two), in float64."""
+    x = x.double()
     finite = torch.isfinite(x)
     n = finite.sum()
     mean = torch.where(finite, x, 0.0).sum() / n.clamp_min(1)

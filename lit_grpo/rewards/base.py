@@ -11,14 +11,21 @@ ground-truth target, masks or boxes: those stay with the evaluation metrics.
 A reward returns scores [N] (NaN marks a sample it cannot score; the GRPO stage drops
 those), optional named sub-scores for logging, and, for region methods, optional scores
 per region [N, R] with the regions' names. Rewards are frozen judges: no gradients, no state.
+
+Rewards are run through `run_reward` (by the `Scorer`, and by rewards that hold rewards, such
+as `RegionReward`): a reward that raises, or returns anything but a `RewardOutput` with [N]
+scores and [N] sub-scores, stops the run with one `RewardFailed` line naming the reward (its
+class and `name`, the reward it sits in) and what was wrong.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from lit_grpo.checks import RunFailed
 from lit_grpo.perception.detections import Detections
 
 
@@ -137,3 +144,53 @@ class Reward(nn.Module):
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class RewardFailed(RunFailed):
+    """A reward raised, or returned what the reward contract does not allow; the message
+    names the reward and what was wrong, in one line."""
+
+
+def run_reward(reward: Reward, inputs: RewardInputs, within: Reward | None = None) -> RewardOutput:
+    """`reward(inputs)`, checked against the contract: an exception inside the reward, an
+    output that is not a `RewardOutput`, scores or sub-scores that are not [N] tensors,
+    become one `RewardFailed` naming the reward (and `within`, the reward that holds it)."""
+    n = inputs.images.shape[0]
+    label = f"reward {type(reward).__name__} {reward.name!r}"
+    if within is not None:
+        label += f" (in {type(within).__name__} {within.name!r})"
+    try:
+        out = reward(inputs)
+    except RewardFailed:  # a reward inside this one: already named
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise RewardFailed(
+            f"{label} raised {type(err).__name__}: {first} ({_raised_at(err)}); fix the "
+            "reward, or leave it out of model.init_args.rewards"
+        ) from err
+    if not isinstance(out, RewardOutput):
+        raise RewardFailed(
+            f"{label} returned a {type(out).__name__}; the contract is a RewardOutput with "
+            f"scores [N] = ({n},)"
+        )
+    parts = {"scores": out.scores, **{f"extras[{k!r}]": v for k, v in out.extras.items()}}
+    for key, value in parts.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise RewardFailed(
+                f"{label} returned {key} of shape {got}; the contract is [N] = ({n},), one "
+                "score per edit"
+            )
+    return out
+
+
+def _raised_at(err: BaseException) -> str:
+    """file:line, in function, of the innermost frame of `err`'s traceback."""
+    tb = err.__traceback__
+    if tb is None:
+        return "no traceback"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"at {Path(code.co_filename).name}:{tb.tb_lineno}, in {code.co_name}"

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_grpo.perception import geometry as geo
-from lit_grpo.rewards.base import Reward, RewardInputs, RewardOutput
+from lit_grpo.rewards.base import Reward, RewardInputs, RewardOutput, run_reward
 
 REGIONS = ("edit", "others", "background")
 
@@ -98,7 +98,8 @@ class RegionReward(Reward):
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         masks = self.region_masks(inputs)
-        edit = sum(r.weight * r(inputs).scores.float() for r in self.edit)
+        # each edit reward checked as the Scorer checks it: a broken one is named
+        edit = sum(r.weight * run_reward(r, inputs, within=self).scores.float() for r in self.edit)
         l1 = [geo.background_l1(inputs.source, inputs.images, masks[:, k] > 0) for k in (1, 2)]
         # a region with no pixels scores 0 (it then has no tokens either)
         present = masks.flatten(2).sum(-1) > 0  # [N, 3]

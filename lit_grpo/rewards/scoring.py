@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from lit_grpo.perception.detections import Detections
 from lit_grpo.perception.segmenters import ColourSegmenter, SceneSegmenter, Segmenter
-from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
+from lit_grpo.rewards.base import (
+    EditSpec,
+    Reward,
+    RewardFailed,
+    RewardInputs,
+    RewardOutput,
+    run_reward,
+)
 
 
 @dataclass
@@ -87,12 +94,7 @@ class Scorer(nn.Module):
         parts = {"object_found": inputs.after.found.float()}
         regions = {}
         for reward in self.rewards:
-            out = reward(inputs)
-            if out.scores.shape != (n,):
-                raise ValueError(
-                    f"reward {reward.name!r} returned scores of shape {tuple(out.scores.shape)}"
-                    f"; the contract is [N] = ({n},)"
-                )
+            out = run_reward(reward, inputs)  # one RewardFailed line naming a broken reward
             total = total + reward.weight * out.scores.float()
             parts[reward.name] = out.scores.float()
             parts.update(out.extras)
@@ -105,8 +107,8 @@ class Scorer(nn.Module):
                     or masks is None
                     or tuple(masks.shape[:2]) != (n, r)
                 ):
-                    raise ValueError(
-                        f"reward {reward.name!r} returned regions {tuple(out.regions.shape)} "
+                    raise RewardFailed(
+                        f"reward {type(reward).__name__} {reward.name!r} returned regions {tuple(out.regions.shape)} "
                         f"named {out.region_names}; the contract is [N, R] scores with R names "
                         "and [N, R, H, W] region_masks"
                     )
