@@ -80,6 +80,36 @@ class MLflowLogger(MLFlowLogger):
     def resumed(self) -> bool:
         return self._resumed_run
 
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        """Log `metrics` at `step`, never a (key, step) the run already has.
+
+        Lightning adds `epoch` to every call, and logs a step's training and validation
+        metrics in two calls: `epoch` goes once a step. A resumed run re-trains the steps
+        logged after its checkpoint (a run killed with `kill -9` logged them, then died), bit
+        for bit with exact resume: those keep their first values (`_last_logged`).
+        """
+        if step is not None:
+            last = self._last_logged_steps() if self._resumed_run else {}
+            metrics = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+            if "epoch" in metrics:
+                if step == getattr(self, "_epoch_logged_at", None):
+                    metrics.pop("epoch")
+                self._epoch_logged_at = step
+        if metrics:
+            super().log_metrics(metrics, step)
+
+    def _last_logged_steps(self) -> dict[str, int]:
+        """{key: the last step the continued run has a value of it at}, read once."""
+        if getattr(self, "_last_logged", None) is None:
+            client = self.experiment
+            keys = client.get_run(self.run_id).data.metrics
+            self._last_logged = {
+                key: max(m.step for m in client.get_metric_history(self.run_id, key))
+                for key in keys
+            }
+        return self._last_logged
+
     @rank_zero_only  # as Lightning's: other ranks' `experiment` is a dummy
     def log_hyperparams(self, params) -> None:
         if self._resumed_run:
