@@ -6,6 +6,7 @@ OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
 """
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -167,7 +168,9 @@ class LitGRPOCLI(LightningCLI):
         if isinstance(logger, dict) or hasattr(logger, "class_path"):
             init = logger.get("init_args") or {}
             if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
-                ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+                if not (init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")):
+                    # the default store's folder; another store is not created in the cwd
+                    ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
                 run_id = getattr(self, "_resumed_run_id", None)
                 if run_id and not init.get("run_id"):  # a resumed fit continues its run
                     if logger.get("init_args") is None:

@@ -1,8 +1,8 @@
 """MLflow by default, with a local sqlite store, and image logging to any Lightning logger.
 
 MLflow 3.17 refuses `file:` tracking stores, which is Lightning's `MLFlowLogger` default; we
-point it at `sqlite:///<root>/mlflow.db` with artifacts under `<root>/artifacts` unless
-`MLFLOW_TRACKING_URI` (or `tracking_uri`) names another store. mlflow itself is imported by
+point it at `sqlite:///<root>/mlflow.db` unless `MLFLOW_TRACKING_URI` (or `tracking_uri`) names
+another store; a sqlite store's artifacts go to `artifacts/` beside its file. mlflow itself is imported by
 Lightning only when the run starts.
 """
 
@@ -27,6 +27,16 @@ def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
     if uri:
         return uri
     return f"sqlite:///{ensure_writable_dir(root, 'MLflow store') / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """`artifacts/` beside a sqlite store's file (MLflow's own default is `./mlruns` of the
+    working directory, wherever the store is); None, the server's choice, for other stores.
+    It applies to experiments created from now on: an experiment keeps its location."""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return None
+    return (Path(path).expanduser().resolve().parent / "artifacts").as_uri()
 
 
 class MLflowLogger(MLFlowLogger):
@@ -55,13 +65,7 @@ class MLflowLogger(MLFlowLogger):
         run_id: str | None = None,
     ):
         uri = tracking_uri or default_tracking_uri(root)
-        artifacts = None
-        if (
-            uri.startswith("sqlite:")
-            and not tracking_uri
-            and "MLFLOW_TRACKING_URI" not in os.environ
-        ):
-            artifacts = (Path(root).expanduser().resolve() / "artifacts").as_uri()
+        artifacts = artifact_location(uri)
         # alembic prints a dozen INFO lines when it creates the sqlite schema
         logging.getLogger("alembic").setLevel(logging.WARNING)
         with _store_lock(uri):  # MlflowClient(uri) creates a sqlite store's tables

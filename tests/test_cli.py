@@ -321,6 +321,19 @@ def test_mlflow_logger_honours_the_tracking_uri_env(in_tmp, monkeypatch):
     assert (in_tmp / "elsewhere.db").exists() and not (in_tmp / "mlruns").exists()
 
 
+def test_artifacts_go_beside_the_store_named_by_the_env(in_tmp, monkeypatch):
+    store = in_tmp / "store"
+    store.mkdir()
+    work = in_tmp / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/elsewhere.db")
+    run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=1"])
+    assert list(work.iterdir()) == [work / "runs"]  # no mlruns/ in the working directory
+    (config,) = store.rglob("config.yaml")
+    assert config.is_relative_to(store / "artifacts")
+
+
 def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp, capsys):
     import mlflow
 
