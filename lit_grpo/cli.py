@@ -2,7 +2,8 @@
 
 Models, data, loggers and callbacks are chosen with `class_path` in YAML; the typed
 constructors are the schema, so a typo in a key is reported with its name. Configs may use
-OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
+OmegaConf interpolation (`${data.init_args.resolution}`), resolved with the values the run uses
+(command line included).
 """
 
 import logging
@@ -103,6 +104,7 @@ class LitGRPOCLI(LightningCLI):
             if not isinstance(err, OmegaConfBaseException):
                 raise
             raise _bad_interpolation(_config_files(args), err) from None
+        _interpolate_after_overrides(self.config, _config_files(args))
         # before LightningCLI reads the checkpoint's hyper-parameters into the config
         self._check_checkpoint()
 
@@ -322,6 +324,55 @@ def _config_files(args) -> list[str]:
     argv = sys.argv[1:] if args is None else [str(a) for a in args]
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
     return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def _interpolate_after_overrides(config, files: list[str]) -> None:
+    """Resolve the configs' `${key}` interpolations again against the final config.
+
+    jsonargparse resolves them per file, before the command line: `run_name: spatialflow-
+    G${model.init_args.group_size}` with `--model.init_args.group_size=4` named the run
+    `spatialflow-G8`. A value that still reads as the file resolved it is resolved again
+    with the values the run uses; one set later (on the command line, by a later file) is
+    left alone. Only plain `${dotted.key}` references are resolved (no resolvers).
+    """
+    import re
+
+    import yaml
+
+    subcommand = config.get("subcommand")
+    final = config[subcommand] if subcommand else config
+    reference = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+    for name in files:
+        try:
+            raw = yaml.safe_load(Path(name).read_text())
+        except Exception:  # parsed already: a file read differently here is not ours to judge
+            continue
+        for key, text in _interpolated_leaves(raw):
+            wanted = reference.findall(text)
+            if not wanted or key not in final or any(k not in final for k in wanted):
+                continue
+            as_filed = reference.sub(lambda m: str(_value_in(raw, m[1])), text)
+            if str(final[key]) != as_filed:
+                continue  # overridden after the file (or not a plain reference)
+            if reference.fullmatch(text):
+                final[key] = final[wanted[0]]
+            else:
+                final[key] = reference.sub(lambda m: str(final[m[1]]), text)
+
+
+def _interpolated_leaves(tree, prefix: str = ""):
+    """(dotted key, text) of every string leaf with a `${` in a YAML mapping."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _interpolated_leaves(value, f"{prefix}{key}.")
+    elif isinstance(tree, str) and "${" in tree:
+        yield prefix[:-1], tree
+
+
+def _value_in(raw: dict, dotted: str):
+    for part in dotted.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
 
 
 def _not_utf8(files: list[str], err: UnicodeDecodeError) -> ConfigError:
