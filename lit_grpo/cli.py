@@ -351,7 +351,7 @@ def _interpolate_after_overrides(config, files: list[str]) -> None:
             wanted = reference.findall(text)
             if not wanted or key not in final or any(k not in final for k in wanted):
                 continue
-            as_filed = reference.sub(lambda m: str(_value_in(raw, m[1])), text)
+            as_filed = reference.sub(lambda m, raw=raw: str(_value_in(raw, m[1])), text)
             if str(final[key]) != as_filed:
                 continue  # overridden after the file (or not a plain reference)
             if reference.fullmatch(text):
