@@ -59,6 +59,7 @@ class SaveConfigToLogger(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and logger.run_id:
                 checkpoint["mlflow_run_id"] = logger.run_id
+                checkpoint["mlflow_experiment"] = logger._experiment_name
                 return
 
 
@@ -159,6 +160,8 @@ class LitGRPOCLI(LightningCLI):
                 "and no --ckpt_path"
             )
         _check_policy_architecture(checkpoint.get("lit_grpo_policy"), model, what, path)
+        if subcommand == "fit":
+            _check_same_training(checkpoint, config, what, path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -470,6 +473,35 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+def _check_same_training(checkpoint: dict, config, what: str, path) -> None:
+    """Refuse to resume a fit from a checkpoint of another task or experiment: it would
+    continue that run, appending this training to its MLflow history (one run, two tasks)."""
+    data = config.get("data")
+    data = data.as_dict() if hasattr(data, "as_dict") else data
+    tasks = ((data or {}).get("init_args") or {}).get("tasks") if isinstance(data, dict) else None
+    written_tasks = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tasks")
+    logger = config.trainer.get("logger")
+    logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
+    experiment = None
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith(
+        "lit_grpo.loggers.MLflowLogger"
+    ):
+        experiment = (logger.get("init_args") or {}).get("experiment_name") or "lit_grpo"
+    written_experiment = checkpoint.get("mlflow_experiment")
+    differ = []
+    if tasks and written_tasks and list(tasks) != list(written_tasks):
+        differ.append(f"tasks {list(written_tasks)} vs this config's {list(tasks)}")
+    if experiment and written_experiment and experiment != written_experiment:
+        differ.append(f"experiment {written_experiment!r} vs this config's {experiment!r}")
+    if differ:
+        raise ConfigError(
+            f"{what} {path} was trained for another run ({'; '.join(differ)}): resuming would "
+            "append this training to that run. Resume with a checkpoint of this config's runs "
+            "(--ckpt_path last), or start from its weights with --model.init_args.policy."
+            f"init_args.weights={path} and no --ckpt_path"
+        )
 
 
 def _check_policy_architecture(entry, model, what: str, path) -> None:
