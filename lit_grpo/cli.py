@@ -2,10 +2,12 @@
 
 Models, data, loggers and callbacks are chosen with `class_path` in YAML; the typed
 constructors are the schema, so a typo in a key is reported with its name. Configs may use
-OmegaConf interpolation (`${data.init_args.resolution}`), resolved per file.
+OmegaConf interpolation (`${data.init_args.resolution}`), resolved with the values the run uses
+(command line included).
 """
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +59,7 @@ class SaveConfigToLogger(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and logger.run_id:
                 checkpoint["mlflow_run_id"] = logger.run_id
+                checkpoint["mlflow_experiment"] = logger._experiment_name
                 return
 
 
@@ -102,6 +105,7 @@ class LitGRPOCLI(LightningCLI):
             if not isinstance(err, OmegaConfBaseException):
                 raise
             raise _bad_interpolation(_config_files(args), err) from None
+        _interpolate_after_overrides(self.config, _config_files(args))
         # before LightningCLI reads the checkpoint's hyper-parameters into the config
         self._check_checkpoint()
 
@@ -156,6 +160,8 @@ class LitGRPOCLI(LightningCLI):
                 "and no --ckpt_path"
             )
         _check_policy_architecture(checkpoint.get("lit_grpo_policy"), model, what, path)
+        if subcommand == "fit":
+            _check_same_training(checkpoint, config, what, path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -168,7 +174,9 @@ class LitGRPOCLI(LightningCLI):
         if isinstance(logger, dict) or hasattr(logger, "class_path"):
             init = logger.get("init_args") or {}
             if str(logger.get("class_path", "")).endswith("lit_grpo.loggers.MLflowLogger"):
-                ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
+                if not (init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")):
+                    # the default store's folder; another store is not created in the cwd
+                    ensure_writable_dir(init.get("root") or "mlruns", "MLflow store (logger root)")
                 run_id = getattr(self, "_resumed_run_id", None)
                 if run_id and not init.get("run_id"):  # a resumed fit continues its run
                     if logger.get("init_args") is None:
@@ -360,6 +368,55 @@ def _config_files(args) -> list[str]:
     return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
+def _interpolate_after_overrides(config, files: list[str]) -> None:
+    """Resolve the configs' `${key}` interpolations again against the final config.
+
+    jsonargparse resolves them per file, before the command line: `run_name: spatialflow-
+    G${model.init_args.group_size}` with `--model.init_args.group_size=4` named the run
+    `spatialflow-G8`. A value that still reads as the file resolved it is resolved again
+    with the values the run uses; one set later (on the command line, by a later file) is
+    left alone. Only plain `${dotted.key}` references are resolved (no resolvers).
+    """
+    import re
+
+    import yaml
+
+    subcommand = config.get("subcommand")
+    final = config[subcommand] if subcommand else config
+    reference = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+    for name in files:
+        try:
+            raw = yaml.safe_load(Path(name).read_text())
+        except Exception:  # parsed already: a file read differently here is not ours to judge
+            continue
+        for key, text in _interpolated_leaves(raw):
+            wanted = reference.findall(text)
+            if not wanted or key not in final or any(k not in final for k in wanted):
+                continue
+            as_filed = reference.sub(lambda m, raw=raw: str(_value_in(raw, m[1])), text)
+            if str(final[key]) != as_filed:
+                continue  # overridden after the file (or not a plain reference)
+            if reference.fullmatch(text):
+                final[key] = final[wanted[0]]
+            else:
+                final[key] = reference.sub(lambda m: str(final[m[1]]), text)
+
+
+def _interpolated_leaves(tree, prefix: str = ""):
+    """(dotted key, text) of every string leaf with a `${` in a YAML mapping."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _interpolated_leaves(value, f"{prefix}{key}.")
+    elif isinstance(tree, str) and "${" in tree:
+        yield prefix[:-1], tree
+
+
+def _value_in(raw: dict, dotted: str):
+    for part in dotted.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
+
+
 def _not_utf8(files: list[str], err: UnicodeDecodeError) -> ConfigError:
     for name in files:
         data = Path(name).read_bytes() if Path(name).is_file() else b""
@@ -487,6 +544,35 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+def _check_same_training(checkpoint: dict, config, what: str, path) -> None:
+    """Refuse to resume a fit from a checkpoint of another task or experiment: it would
+    continue that run, appending this training to its MLflow history (one run, two tasks)."""
+    data = config.get("data")
+    data = data.as_dict() if hasattr(data, "as_dict") else data
+    tasks = ((data or {}).get("init_args") or {}).get("tasks") if isinstance(data, dict) else None
+    written_tasks = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tasks")
+    logger = config.trainer.get("logger")
+    logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
+    experiment = None
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith(
+        "lit_grpo.loggers.MLflowLogger"
+    ):
+        experiment = (logger.get("init_args") or {}).get("experiment_name") or "lit_grpo"
+    written_experiment = checkpoint.get("mlflow_experiment")
+    differ = []
+    if tasks and written_tasks and list(tasks) != list(written_tasks):
+        differ.append(f"tasks {list(written_tasks)} vs this config's {list(tasks)}")
+    if experiment and written_experiment and experiment != written_experiment:
+        differ.append(f"experiment {written_experiment!r} vs this config's {experiment!r}")
+    if differ:
+        raise ConfigError(
+            f"{what} {path} was trained for another run ({'; '.join(differ)}): resuming would "
+            "append this training to that run. Resume with a checkpoint of this config's runs "
+            "(--ckpt_path last), or start from its weights with --model.init_args.policy."
+            f"init_args.weights={path} and no --ckpt_path"
+        )
 
 
 def _check_policy_architecture(entry, model, what: str, path) -> None:

@@ -1,8 +1,8 @@
 """MLflow by default, with a local sqlite store, and image logging to any Lightning logger.
 
 MLflow 3.17 refuses `file:` tracking stores, which is Lightning's `MLFlowLogger` default; we
-point it at `sqlite:///<root>/mlflow.db` with artifacts under `<root>/artifacts` unless
-`MLFLOW_TRACKING_URI` (or `tracking_uri`) names another store. mlflow itself is imported by
+point it at `sqlite:///<root>/mlflow.db` unless `MLFLOW_TRACKING_URI` (or `tracking_uri`) names
+another store; a sqlite store's artifacts go to `artifacts/` beside its file. mlflow itself is imported by
 Lightning only when the run starts.
 """
 
@@ -27,6 +27,16 @@ def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
     if uri:
         return uri
     return f"sqlite:///{ensure_writable_dir(root, 'MLflow store') / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """`artifacts/` beside a sqlite store's file (MLflow's own default is `./mlruns` of the
+    working directory, wherever the store is); None, the server's choice, for other stores.
+    It applies to experiments created from now on: an experiment keeps its location."""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return None
+    return (Path(path).expanduser().resolve().parent / "artifacts").as_uri()
 
 
 class MLflowLogger(MLFlowLogger):
@@ -55,13 +65,7 @@ class MLflowLogger(MLFlowLogger):
         run_id: str | None = None,
     ):
         uri = tracking_uri or default_tracking_uri(root)
-        artifacts = None
-        if (
-            uri.startswith("sqlite:")
-            and not tracking_uri
-            and "MLFLOW_TRACKING_URI" not in os.environ
-        ):
-            artifacts = (Path(root).expanduser().resolve() / "artifacts").as_uri()
+        artifacts = artifact_location(uri)
         # alembic prints a dozen INFO lines when it creates the sqlite schema
         logging.getLogger("alembic").setLevel(logging.WARNING)
         with _store_lock(uri):  # MlflowClient(uri) creates a sqlite store's tables
@@ -79,6 +83,36 @@ class MLflowLogger(MLFlowLogger):
     @property
     def resumed(self) -> bool:
         return self._resumed_run
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        """Log `metrics` at `step`, never a (key, step) the run already has.
+
+        Lightning adds `epoch` to every call, and logs a step's training and validation
+        metrics in two calls: `epoch` goes once a step. A resumed run re-trains the steps
+        logged after its checkpoint (a run killed with `kill -9` logged them, then died), bit
+        for bit with exact resume: those keep their first values (`_last_logged`).
+        """
+        if step is not None:
+            last = self._last_logged_steps() if self._resumed_run else {}
+            metrics = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+            if "epoch" in metrics:
+                if step == getattr(self, "_epoch_logged_at", None):
+                    metrics.pop("epoch")
+                self._epoch_logged_at = step
+        if metrics:
+            super().log_metrics(metrics, step)
+
+    def _last_logged_steps(self) -> dict[str, int]:
+        """{key: the last step the continued run has a value of it at}, read once."""
+        if getattr(self, "_last_logged", None) is None:
+            client = self.experiment
+            keys = client.get_run(self.run_id).data.metrics
+            self._last_logged = {
+                key: max(m.step for m in client.get_metric_history(self.run_id, key))
+                for key in keys
+            }
+        return self._last_logged
 
     @rank_zero_only  # as Lightning's: other ranks' `experiment` is a dummy
     def log_hyperparams(self, params) -> None:

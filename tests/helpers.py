@@ -34,3 +34,42 @@ class SignalAt(L.Callback):
 
         if trainer.global_step == self.step - 1:
             os.kill(os.getpid(), self.signum)
+
+
+class LoggingModule(PlainModule):
+    """PlainModule that logs its loss each step and validates (for metric-history tests)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch[0]).sum())
+
+
+class SleepAt(L.Callback):
+    """Sleeps `seconds` as training step `step` starts: a step that takes that long (a huge
+    group, a stuck reward), printing `sleeping` first so that a test can time a signal."""
+
+    def __init__(self, step: int = 2, seconds: float = 600.0):
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        if trainer.global_step == self.step - 1:
+            print("sleeping", flush=True)
+            time.sleep(self.seconds)
+
+
+class StopAt(L.Callback):
+    """Stops the run after step `step` through `trainer.should_stop`, as `max_time` and early
+    stopping do."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True

@@ -321,6 +321,19 @@ def test_mlflow_logger_honours_the_tracking_uri_env(in_tmp, monkeypatch):
     assert (in_tmp / "elsewhere.db").exists() and not (in_tmp / "mlruns").exists()
 
 
+def test_artifacts_go_beside_the_store_named_by_the_env(in_tmp, monkeypatch):
+    store = in_tmp / "store"
+    store.mkdir()
+    work = in_tmp / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/elsewhere.db")
+    run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=1"])
+    assert list(work.iterdir()) == [work / "runs"]  # no mlruns/ in the working directory
+    (config,) = store.rglob("config.yaml")
+    assert config.is_relative_to(store / "artifacts")
+
+
 def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp, capsys):
     import mlflow
 
@@ -446,3 +459,29 @@ def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards
     with pytest.raises(FileNotFoundError, match="no_clip.bin.*never downloads") as err:
         run_cli(["fit", "--config", config, *GRPO_TINY, rewards(in_tmp / "no_clip.bin")])
     assert any(entry.name == "before_instantiate_classes" for entry in err.traceback)
+
+
+def test_run_names_follow_the_command_line(in_tmp, capsys):
+    """`run_name: spatialflow-G${model.init_args.group_size}` resolves with the group size the
+    run uses, not the YAML's; a run name set on the command line stays as given."""
+    import mlflow
+
+    from lit_grpo.__main__ import main
+
+    spatialflow = ["--config", str(ROOT / "configs/spatialflow.yaml")]
+    name = lambda cli: cli.config.trainer.logger.init_args.run_name  # noqa: E731
+    assert name(run_cli(spatialflow, run=False)) == "spatialflow-G8"
+    assert name(run_cli([*spatialflow, "--model.init_args.group_size=4"], run=False)) == (
+        "spatialflow-G4"
+    )
+    mine = ["--model.init_args.group_size=4", "--trainer.logger.init_args.run_name=mine"]
+    assert name(run_cli([*spatialflow, *mine], run=False)) == "mine"
+    # sft.yaml: run_name: sft-${data.init_args.resolution}px; TINY trains at 16 px
+    run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=1"])
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("shapeworld-sft").experiment_id])
+    assert run.info.run_name == "sft-16px"
+    assert run.data.params["trainer.logger.run_name"] == "sft-16px"
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "shapeworld-sft", "--no-plot"]) == 0
+    assert "sft-16px" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -219,6 +220,14 @@ def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_kille
     )
     assert run.info.status == "KILLED"
     assert len(client.get_metric_history(run.info.run_id, "reward/total")) == 2
+    # resumed: one history, every (key, step) once, the last step logged at its own number
+    from lit_grpo.cli import run_cli
+
+    resume = [*args[:-2], "--trainer.max_steps=4", "--trainer.val_check_interval=50"]
+    run_cli([*resume, "--ckpt_path=last"])
+    assert _history(in_tmp / "mlruns")[0] == []
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/total")]
+    assert sorted(steps) == [0, 1, 2, 3]
 
 
 def test_ckpt_path_last_finds_the_newest_last_ckpt_of_the_experiment_or_says_none(in_tmp, capsys):
@@ -281,3 +290,197 @@ def test_the_command_line_wins_over_the_checkpoints_hyper_parameters(in_tmp):
     test = ["test", "--config", SFT, *TINY, "--trainer.limit_test_batches=1", "--ckpt_path=last"]
     cli = run_cli([*test, "--model.init_args.sample_steps=3"])
     assert cli.model.hparams.sample_steps == 3
+
+
+SLOW_STEP_RUN = """
+import sys
+import time
+sys.path.insert(0, {tests!r})
+import lightning as L
+from helpers import LoggingModule, SignalAt, SleepAt, plain_loader
+from lit_grpo.callbacks import ModelCheckpoint, StopOnSignal
+from lit_grpo.loggers import MLflowLogger
+
+logger = MLflowLogger(experiment_name="slow", tracking_uri="sqlite:///{root}/mlflow.db")
+trainer = L.Trainer(
+    max_steps=50, max_epochs=-1, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+    enable_progress_bar=False, enable_model_summary=False, default_root_dir={root!r},
+    callbacks=[
+        StopOnSignal(deadline={deadline}),
+        ModelCheckpoint(dirpath={root!r}, save_last=True, every_n_train_steps=1),
+        *[SignalAt(step=3, signum={signum})] * {send},
+        SleepAt(step=3, seconds=600),  # step 3 would take 10 minutes
+    ],
+)
+trainer.fit(LoggingModule(), plain_loader(8))
+print("NOT STOPPED")
+"""
+
+
+def _slow_step_run(root: Path, deadline: float, signum: int, send: int) -> subprocess.Popen:
+    code = SLOW_STEP_RUN.format(
+        tests=str(ROOT / "tests"), root=str(root), deadline=deadline, signum=signum, send=send
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _communicate(run: subprocess.Popen) -> tuple[bytes, bytes]:
+    try:
+        return run.communicate(timeout=120)
+    finally:
+        run.kill()  # a run that did not stop does not outlive the test
+
+
+def _assert_killed_at_step_2(root: Path, stderr: str) -> None:
+    import mlflow
+
+    assert "Traceback" not in stderr
+    saved = torch.load(root / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2  # the checkpoint before the slow step, whole
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("slow").experiment_id])
+    assert run.info.status == "KILLED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [
+        0,
+        1,
+    ]
+
+
+def test_a_step_that_overruns_the_stop_deadline_is_cut_short(tmp_path):
+    """SIGTERM as step 3 starts, a step of 10 minutes, a deadline of 2 s: exit 143 two
+    seconds after the signal, the run KILLED, the checkpoint of step 2 whole."""
+    run = _slow_step_run(tmp_path, deadline=2, signum=signal.SIGTERM, send=1)
+    assert run.stdout.readline() == b"sleeping\n"  # the signal is on its way
+    start = time.monotonic()
+    _, err = _communicate(run)
+    waited = time.monotonic() - start
+    assert run.returncode == 143, err.decode()[-2000:]
+    assert 1.5 < waited < 30, waited
+    line = (
+        "SIGTERM: the run did not stop within 2 s (StopOnSignal deadline): stopped at once "
+        "after step 2, losing the work since the last checkpoint; resume with --ckpt_path"
+    )
+    assert line in err.decode().splitlines()
+    _assert_killed_at_step_2(tmp_path, err.decode())
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """Ctrl+C as step 3 (10 minutes long) starts, then Ctrl+C again from outside: exit 130
+    at once, long before the deadline of 10 minutes."""
+    run = _slow_step_run(tmp_path, deadline=600, signum=signal.SIGINT, send=1)
+    assert run.stdout.readline() == b"sleeping\n"
+    time.sleep(0.5)  # the first Ctrl+C (sent by the run to itself) has been handled
+    start = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    _, err = _communicate(run)
+    assert run.returncode == 130, err.decode()[-2000:]
+    assert time.monotonic() - start < 30
+    line = (
+        "SIGINT: a second signal: stopped at once after step 2, losing the work since the "
+        "last checkpoint; resume with --ckpt_path"
+    )
+    assert line in err.decode().splitlines()
+    _assert_killed_at_step_2(tmp_path, err.decode())
+
+
+def _fit_logged(root: Path, steps: int, ckpt_path=None, run_id=None, callbacks=()) -> str:
+    """A plain module fitted to `steps` (4 batches an epoch, validation every 2 steps),
+    logging to a sqlite MLflow store in `root`; the run's id."""
+    from helpers import LoggingModule, plain_loader
+
+    from lit_grpo.loggers import MLflowLogger
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    logger = MLflowLogger(experiment_name="history", tracking_uri=uri, run_id=run_id)
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        logger=logger,
+        log_every_n_steps=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[
+            ModelCheckpoint(dirpath=root, save_last=True, save_top_k=1, monitor="val/loss"),
+            *callbacks,
+        ],
+    )
+    trainer.fit(LoggingModule(), plain_loader(4), plain_loader(1), ckpt_path=ckpt_path)
+    return logger.run_id
+
+
+def _history(root: Path) -> tuple[list, list]:
+    """(every (key, step) logged twice, the steps of train/loss) of the store in `root`."""
+    import sqlite3
+
+    with sqlite3.connect(root / "mlflow.db") as db:
+        twice = db.execute(
+            "SELECT key, step FROM metrics GROUP BY run_uuid, key, step HAVING COUNT(*) > 1"
+        ).fetchall()
+        steps = db.execute("SELECT step FROM metrics WHERE key = 'train/loss' ORDER BY step")
+        return twice, [s for (s,) in steps]
+
+
+@pytest.mark.parametrize(
+    "stop",
+    ["SIGTERM mid-epoch", "SIGTERM at a validation", "max_time mid-epoch", "max_time epoch end"],
+)
+def test_a_stopped_and_resumed_run_logs_no_step_twice(tmp_path, stop):
+    """The MLflow history of a run stopped (by a signal, or `trainer.should_stop` as
+    `max_time` sets it) and resumed from its `last.ckpt` is the history of a run never
+    stopped: every (key, step) once, `train/loss` at steps 0..7."""
+    from helpers import SignalAt, StopAt
+
+    from lit_grpo.callbacks import StopOnSignal
+
+    how, when = stop.split(" ", 1)
+    step = {"mid-epoch": 3, "at a validation": 2, "epoch end": 4}[when]
+    stopper = [StopOnSignal(), SignalAt(step=step)] if how == "SIGTERM" else [StopAt(step)]
+    run_id = _fit_logged(tmp_path, 8, callbacks=stopper)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == step
+    assert _fit_logged(tmp_path, 8, str(tmp_path / "last.ckpt"), run_id) == run_id
+    assert _history(tmp_path) == ([], list(range(8)))
+
+
+KILLED_AT_VALIDATION = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import lightning as L
+from test_resume import _fit_logged
+
+class KilledAfterLogging(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 3:  # step 3 is logged, its checkpoint (at step 4) not written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+_fit_logged(Path({root!r}), 8, callbacks=[KilledAfterLogging()])
+"""
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_logs_no_step_twice(tmp_path):
+    import mlflow
+
+    code = KILLED_AT_VALIDATION.format(tests=str(ROOT / "tests"), root=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("history").experiment_id])
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+    first = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert sorted(first) == [0, 1, 2]  # step 3 (at 2) was logged before the kill
+    _fit_logged(tmp_path, 8, str(tmp_path / "last.ckpt"), run.info.run_id)
+    assert _history(tmp_path) == ([], list(range(8)))  # step 3, trained again, is not logged
+    again = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert again[2] == first[2]

@@ -275,3 +275,30 @@ def test_the_cli_silences_exactly_the_eval_mode_warning_of_a_grpo_fit():
         ):
             warnings.warn(message, PossibleUserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["Found 2 modules that did something else"]
+
+
+def test_a_checkpoint_of_another_task_or_experiment_is_refused(in_tmp, capsys):
+    """`fit --config talk2move_rotate.yaml --ckpt_path <a talk2move last.ckpt>` would append
+    rotate training to the translate run's MLflow history: refused in one line."""
+    from test_cli import GRPO_TINY
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    tiny = [*GRPO_TINY, "--trainer.max_steps=1"]
+    translate = ["fit", "--config", str(configs / "talk2move.yaml"), *tiny]
+    assert main(translate) == 0
+    (last,) = in_tmp.rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["mlflow_experiment"] == "shapeworld-talk2move"
+    rotate = ["fit", "--config", str(configs / "talk2move_rotate.yaml"), *tiny]
+    line = error_of(capsys, *rotate, f"--ckpt_path={last}")
+    assert line == (
+        f"lit_grpo fit: error: checkpoint (--ckpt_path) {last} was trained for another run "
+        "(tasks ['translate'] vs this config's ['rotate']; experiment 'shapeworld-talk2move' "
+        "vs this config's 'shapeworld-talk2move-rotate'): resuming would append this "
+        "training to that run. Resume with a checkpoint of this config's runs (--ckpt_path "
+        "last), or start from its weights with --model.init_args.policy.init_args.weights="
+        f"{last} and no --ckpt_path"
+    )
+    # the same task under another experiment name is another run too
+    renamed = "--trainer.logger.init_args.experiment_name=elsewhere"
+    line = error_of(capsys, *translate, renamed, f"--ckpt_path={last}")
+    assert "(experiment 'shapeworld-talk2move' vs this config's 'elsewhere')" in line

@@ -78,3 +78,29 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        _count_the_stopped_batch(trainer, checkpoint)
+
+
+def _count_the_stopped_batch(trainer, checkpoint: dict) -> None:
+    """Store the logging step of a checkpoint written by a validation that a stop triggered.
+
+    Lightning logs at `_batches_that_stepped`, which it advances after the validation that
+    ends a batch. When a callback stops the run (`trainer.should_stop`: a signal, `max_time`,
+    early stopping) Lightning validates once more, unscheduled, and this class saves there,
+    before the advance; on resume Lightning adds the missing 1 only after a *scheduled*
+    validation. A run resumed from such a checkpoint would log its first step at the
+    stopped step's number: every metric of that step twice, the history one step behind.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not (trainer.state.fn == "fit" and trainer.validating and trainer.should_stop):
+        return
+    trainer.should_stop = False  # asks Lightning whether this batch would have validated
+    try:
+        scheduled = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    finally:
+        trainer.should_stop = True
+    if not scheduled and not loop._should_accumulate():
+        state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+        state["_batches_that_stepped"] = loop._batches_that_stepped + 1

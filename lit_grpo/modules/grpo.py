@@ -295,6 +295,8 @@ class GRPOModule(PolicyStage):
 
     # --- the loop -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        if not getattr(self, "_memory_checked", False):
+            self._check_rollout_memory(batch)
         clock = PhaseClock(self.device)
         with self._phase("sampling", clock):
             record = self.sample(batch)
@@ -379,6 +381,34 @@ class GRPOModule(PolicyStage):
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()
+
+    def _check_rollout_memory(self, batch: dict) -> None:
+        """Before the fit's first rollout: refuse (on every rank) a batch and group whose
+        rollouts alone would not fit this rank's memory (`lit_grpo.sampling.memory`)."""
+        from lit_grpo.checks import ConfigError
+        from lit_grpo.sampling.memory import available_bytes, check_rollout_memory
+
+        self._memory_checked = True
+        source = batch["source"]  # [B, 3, H, W]
+        image = tuple(source.shape[1:])
+        latent = self.policy.latent_shape(tuple(source.shape[-2:]))
+        plan = self.strategy.plan(self.hparams.sample_steps, self.iteration)
+        with torch.no_grad():  # one condition, to measure what each rollout repeats
+            one = self.policy.encode_condition(source[:1], list(batch["instruction"])[:1])
+        tensors = [t for t in vars(one).values() if isinstance(t, torch.Tensor)]
+        condition = sum(t.numel() * t.element_size() for t in tensors)
+        available, what = available_bytes(self.device)
+        args = (source.shape[0], self.hparams.group_size, plan, latent, image, condition)
+        try:
+            check_rollout_memory(*args, available, what)
+            too_big = None
+        except ConfigError as err:
+            too_big = err
+        if self._trainer is not None and self.trainer.world_size > 1:
+            if self.trainer.strategy.reduce_boolean_decision(too_big is not None, all=False):
+                raise too_big or ConfigError("another rank's rollouts would not fit its memory")
+        elif too_big is not None:
+            raise too_big
 
     @contextmanager
     def _phase(self, phase: str, clock: PhaseClock) -> Iterator[None]:
