@@ -10,16 +10,16 @@ ROOT = Path(lit_grpo.__file__).parent
 
 # layer -> the lit_grpo layers it may import (besides itself); docs/architecture.md's table
 ALLOWED = {
-    "sampling": set(),
+    "sampling": {"checks"},  # ConfigError: the rollout memory refusal
     "datamodules": {"checks"},  # ConfigError: bad rows end without a traceback
     "checks": set(),
     "perception": {"datamodules", "checks"},  # ShapeWorld's palette, lazily; ConfigError
     "policies": {"sampling", "checks", "datamodules"},  # ShapeWorld's words, lazily
-    "rewards": {"perception"},
+    "rewards": {"perception", "checks"},  # a broken reward named in one line
     "metrics": {"perception"},
     "loggers": {"checks"},
     "callbacks": {"loggers"},  # log_image, lazily: any Lightning logger
-    "modules": {"policies", "sampling", "perception", "rewards", "metrics", "loggers"},
+    "modules": {"policies", "sampling", "perception", "rewards", "metrics", "loggers", "checks"},
     "commands": {"checks", "policies", "datamodules"},  # expand: the instruction templates
     "cli": {"checks", "metrics", "policies", "callbacks", "loggers"},
     "__main__": {"checks", "cli", "commands", "callbacks", "__version__"},
