@@ -591,12 +591,7 @@ def _check_policy_architecture(entry, model, what: str, path) -> None:
             f"{wanted_class}. Use a config for the checkpoint's policy"
         )
     args = policy.get("init_args") or {}
-    import lit_grpo.policies
-
-    legacy = getattr(
-        getattr(lit_grpo.policies, entry.get("class") or "", None), "legacy_config", {}
-    )
-    stored = {**legacy, **(entry.get("config") or {})}
+    stored = entry.get("config") or {}
     diff = [
         f"{key}: checkpoint {stored[key]} vs config {args[key]}"
         for key in sorted(stored)

@@ -47,16 +47,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with 2-D rotary positions on queries and keys and, with
-    `value_rope`, on the values too (rotated back at the query's position after the
-    weighted sum): token i then reads sum_j a_ij R(p_j - p_i) v_j, the offsets of what it
-    attends to, not only their contents. Ours, after "RoPE on values" (Su, 2024): rotary
-    positions alone put no position in what attention returns, and an edit that redraws an
-    object around its centre (a rotation) needs each token's offset from that centre."""
-
-    def __init__(self, width: int, heads: int, value_rope: bool = False):
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads, self.value_rope = heads, value_rope
+        self.heads = heads
         self.to_q = nn.Linear(width, width)
         self.to_k = nn.Linear(width, width)
         self.to_v = nn.Linear(width, width)
@@ -72,12 +65,8 @@ class Attention(nn.Module):
         q = apply_rope(self.norm_q(split(self.to_q(x))), *rope)
         k = apply_rope(self.norm_k(split(self.to_k(x))), *rope)
         v = split(self.to_v(x))
-        if self.value_rope:
-            v = apply_rope(v, *rope)
         mask = key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if self.value_rope:  # back to the query's frame: sum_j a_ij R(p_j - p_i) v_j
-            out = apply_rope(out, rope[0], -rope[1])
         if capture is not None:  # (list, text tokens L, target tokens T): text -> target map
             maps, n_text, n_target = capture
             logits = q[:, :, :n_text] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -89,10 +78,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-Zero modulation from the noise level."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, value_rope: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = Attention(width, heads, value_rope)
+        self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.ff_in = nn.Linear(width, mlp_ratio * width)
         self.ff_out = nn.Linear(mlp_ratio * width, width)
@@ -122,15 +111,7 @@ class TinyEditTransformer(nn.Module):
 
     lora_targets = ["to_q", "to_k", "to_v", "to_out", "ff_in", "ff_out"]
 
-    def __init__(
-        self,
-        channels: int,
-        patch_size: int,
-        width: int,
-        depth: int,
-        heads: int,
-        value_rope: bool = False,
-    ):
+    def __init__(self, channels: int, patch_size: int, width: int, depth: int, heads: int):
         super().__init__()
         if width % heads or (width // heads) % 4:
             raise ValueError(f"width {width} must split into {heads} heads of a multiple of 4")
@@ -144,9 +125,7 @@ class TinyEditTransformer(nn.Module):
         nn.init.normal_(self.type_embed, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.pooled_text = nn.Linear(width, width)
-        self.blocks = nn.ModuleList(
-            Block(width, heads, value_rope=value_rope) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
         self.modulation_out = nn.Linear(width, 2 * width)
         self.proj_out = nn.Linear(width, patch_dim)
@@ -212,11 +191,7 @@ class TinyEditPolicy(EditPolicy):
             lit_grpo stage, or a built-in name (`shapeworld-sft`); None for random init.
         activation_checkpointing: recompute the transformer blocks' activations in the
             backward pass instead of keeping them (`EditPolicy.checkpoint_activations`).
-        value_rope: rotary positions on the attention's values too (`Attention`; ours).
     """
-
-    # what weights files written before a constructor argument existed were built with
-    legacy_config = {"value_rope": False}
 
     def __init__(
         self,
@@ -229,7 +204,6 @@ class TinyEditPolicy(EditPolicy):
         vocabulary: list[str] | None = None,
         weights: str | None = None,
         activation_checkpointing: bool = False,
-        value_rope: bool = False,
     ):
         super().__init__()
         if vocabulary is None:
@@ -244,11 +218,10 @@ class TinyEditPolicy(EditPolicy):
             text_layers=text_layers,
             max_words=max_words,
             vocabulary=list(vocabulary),
-            value_rope=value_rope,
         )
         self.tokenizer = WordTokenizer(vocabulary, max_words)
         self.text_encoder = TextEncoder(len(self.tokenizer), width, text_layers, heads, max_words)
-        self.transformer = TinyEditTransformer(3, patch_size, width, depth, heads, value_rope)
+        self.transformer = TinyEditTransformer(3, patch_size, width, depth, heads)
         if weights is not None:
             load_policy_weights(self, weights)
         self.checkpoint_activations(activation_checkpointing)

@@ -250,7 +250,6 @@ def _check_compatible(policy: nn.Module, path: Path, cls: str | None, config: di
             "policy class_path in the config"
         )
     mine = getattr(policy, "config", {})
-    config = {**getattr(policy, "legacy_config", {}), **config}
     differ = {
         k: (config[k], mine[k])
         for k in config
