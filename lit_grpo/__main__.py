@@ -19,6 +19,7 @@ OTHER_COMMANDS = {
     "compare": ("compare", "MLflow runs side by side (differing params, metrics) and a PNG"),
     "edit": ("edit", "edit one image with a checkpoint or built-in weights"),
     "expand": ("expand", "turn (image, object) annotations into template edit samples (jsonl)"),
+    "serve-rewards": ("serve_rewards", "serve rewards over HTTP to trainers (RemoteReward)"),
 }
 
 HELP = """usage: python -m lit_grpo <command> [--config FILE.yaml] [options]
@@ -37,6 +38,7 @@ examples:
   python -m lit_grpo compare             (the runs of the latest experiment, and their curves)
   python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
   python -m lit_grpo expand --annotations objects.jsonl --out train.jsonl
+  python -m lit_grpo serve-rewards --config configs/rewards/serve_spatial.yaml --port 8765
 
 Runs are tracked in MLflow: a sqlite store under ./mlruns unless MLFLOW_TRACKING_URI is set
 (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` to browse); checkpoints go to
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         every = {**LIGHTNING_COMMANDS, **{k: v[1] for k, v in OTHER_COMMANDS.items()}}
-        commands = "\n".join(f"  {name:<10} {text}" for name, text in every.items())
+        commands = "\n".join(f"  {name:<14} {text}" for name, text in every.items())
         print(HELP.format(commands=commands))
         return 0
     if argv[0] in ("-V", "--version"):

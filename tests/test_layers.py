@@ -15,12 +15,13 @@ ALLOWED = {
     "checks": set(),
     "perception": {"datamodules", "checks"},  # ShapeWorld's palette, lazily; ConfigError
     "policies": {"sampling", "checks", "datamodules"},  # ShapeWorld's words, lazily
-    "rewards": {"perception", "checks"},  # a broken reward named in one line
+    "rewards": {"perception", "checks", "__version__"},  # one-line errors; the wire's version
     "metrics": {"perception"},
     "loggers": {"checks"},
     "callbacks": {"loggers"},  # log_image, lazily: any Lightning logger
     "modules": {"policies", "sampling", "perception", "rewards", "metrics", "loggers", "checks"},
-    "commands": {"checks", "policies", "datamodules"},  # expand: the instruction templates
+    # expand: the instruction templates; serve-rewards: the rewards and their segmenter
+    "commands": {"checks", "policies", "datamodules", "rewards", "perception"},
     "cli": {"checks", "metrics", "policies", "callbacks", "loggers"},
     "__main__": {"checks", "cli", "commands", "callbacks", "__version__"},
     "__init__": set(),

@@ -1,13 +1,16 @@
 """Rewards under one contract (`base.py`), the spatial rewards (over `lit_grpo.perception`),
 RC-GRPO's attention concentration reward (`attention.py`), SpatialFlow-GRPO's region reward
 (`regions.py`), and InstructRL4Pix's attention-map and CLIP rewards (`attention_distance.py`,
-`clip_reward.py`; open_clip is imported only when a `CLIPReward` is built)."""
+`clip_reward.py`; open_clip is imported only when a `CLIPReward` is built), and
+`RemoteReward` (`remote.py`), the rewards of a `serve-rewards` server (`server.py`, over the
+wire format of `wire.py`)."""
 
 from lit_grpo.rewards.attention import AttentionConcentrationReward
 from lit_grpo.rewards.attention_distance import AttentionMapReward
 from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs, RewardOutput
 from lit_grpo.rewards.clip_reward import CLIPReward
 from lit_grpo.rewards.regions import RegionReward
+from lit_grpo.rewards.remote import RemoteReward
 from lit_grpo.rewards.scoring import Scorer, Scores
 from lit_grpo.rewards.spatial import (
     BackgroundReward,
@@ -23,6 +26,7 @@ __all__ = [
     "CLIPReward",
     "EditSpec",
     "RegionReward",
+    "RemoteReward",
     "Reward",
     "RewardInputs",
     "RewardOutput",
