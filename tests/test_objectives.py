@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lit_grpo.modules.objectives import clipped_policy_loss, group_advantages, kl_to_reference
+from lit_grpo.objectives.flow_grpo import clipped_policy_loss, group_advantages, kl_to_reference
 from lit_grpo.sampling.sde import sde_std, sde_step
 
 
