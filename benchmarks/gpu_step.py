@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_grpo.callbacks import ThroughputMonitor  # noqa: E402
 from lit_grpo.modules import GRPOModule  # noqa: E402
+from lit_grpo.objectives import FlowGRPO  # noqa: E402
 from lit_grpo.perception.detections import Detections  # noqa: E402
 from lit_grpo.policies import FluxKontextPolicy  # noqa: E402
 from lit_grpo.rewards import Reward, RewardOutput  # noqa: E402
@@ -258,7 +259,7 @@ def run(args) -> dict:
         group_size=args.group_size,
         sample_steps=args.sample_steps,
         micro_batch_size=args.micro_batch,
-        clip_range=1e-3,
+        objective=FlowGRPO(clip_range=1e-3),
         lr=1e-5,
     )
     monitor = ThroughputMonitor(peak_tflops=args.peak_tflops)

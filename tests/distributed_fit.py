@@ -34,6 +34,7 @@ from lit_grpo.datamodules import ShapeWorldDataModule  # noqa: E402
 from lit_grpo.modules import GRPOModule  # noqa: E402
 from lit_grpo.modules.sharding import ShardingSettings  # noqa: E402
 from lit_grpo.modules.update import _grad_norm  # noqa: E402
+from lit_grpo.objectives import FlowGRPO  # noqa: E402
 from lit_grpo.policies import LoraSettings, TinyEditPolicy  # noqa: E402
 from lit_grpo.rewards import Reward, RewardOutput  # noqa: E402
 from lit_grpo.sampling.noise import NoiseBuilder  # noqa: E402
@@ -91,7 +92,7 @@ class Recorded(GRPOModule):
             sample_steps=3,
             eval_steps=2,
             inner_epochs=2,  # the second pass has a ratio != 1: a loss that is not ~0
-            kl_beta=0.05,  # a reference forward with the adapter off, sharded too
+            objective=FlowGRPO(kl_beta=0.05),  # a reference forward, adapter off, sharded too
             lr=1e-2,
             **kwargs,
         )

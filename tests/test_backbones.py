@@ -13,6 +13,7 @@ import torch
 from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule, RCGRPOModule, SFTModule
+from lit_grpo.objectives import FlowGRPO
 from lit_grpo.policies import FluxKontextPolicy, LoraSettings, QwenImageEditPolicy
 from lit_grpo.policies.diffusers_common import WordEmbedder
 from lit_grpo.policies.qwen_edit import true_cfg
@@ -292,7 +293,7 @@ def test_one_grpo_module_trains_every_lora_weight(name):
         sample_steps=2,
         eval_steps=2,
         lr=1e-2,
-        kl_beta=0.01,  # the reference forward runs too
+        objective=FlowGRPO(kl_beta=0.01),  # the reference forward runs too
     )
     before = lora_params(module)
     trainer = quiet_fit(module, steps=2)

@@ -135,3 +135,20 @@ def test_remote_checkpoints_and_weights_are_fetched_and_used(served, capsys):
     assert all(torch.equal(remote[k], local[k]) for k in local)
     line = refusal(capsys, "export", f"{url}/missing.ckpt", "x.safetensors")
     assert f"{url}/missing.ckpt could not be fetched (HTTPError" in line
+
+
+def test_a_weights_file_builds_only_lit_grpos_policies(monkeypatch):
+    """`load_policy` resolves the class a weights file names among lit_grpo's policies
+    only: any other name of the policies package (a function, a settings class) or a path
+    outside it is refused."""
+    import lit_grpo.policies.weights as w
+    from lit_grpo.policies import TinyEditPolicy
+
+    assert w.policy_class("TinyEditPolicy") is TinyEditPolicy
+    assert w.policy_class("lit_grpo.policies.tiny.TinyEditPolicy") is TinyEditPolicy
+    for name in ("LoraSettings", "load_policy_weights", "EditPolicy", "os.system", None):
+        assert w.policy_class(name) is None, name
+    assert w.policy_class("evil.module.TinyEditPolicy") is None
+    monkeypatch.setattr(w, "read_policy_file", lambda weights: ({}, {}, "LoraSettings"))
+    with pytest.raises(w.IncompatibleWeightsError, match="unknown policy class 'LoraSettings'"):
+        w.load_policy("anything.safetensors")

@@ -288,7 +288,7 @@ def test_spatialflow_main_job_leaves_a_checkpoint_and_lora_that_test_and_edit_ac
     # the shipped KL on the other objects and the background: the second step's adapter is
     # off the reference, so its region KL is positive
     kl = client.get_metric_history(run.info.run_id, "train/kl")
-    assert cli.model.updater.kl_region_weights == [0.0, 1.0, 1.0]
+    assert cli.model.objective.kl_region_weights == {"edit": 0.0, "others": 1.0, "background": 1.0}
     assert max(m.value for m in kl) > 0
     assert list((in_tmp / "runs").rglob("lora/lora-step=*.safetensors"))
     (last,) = (in_tmp / "runs").rglob("last.ckpt")

@@ -13,9 +13,9 @@ from test_user_errors import error_of
 
 from lit_grpo.__main__ import main
 from lit_grpo.modules import SpatialFlowGRPOModule
-from lit_grpo.modules.objectives import group_advantages
 from lit_grpo.modules.stalls import InARow, TrainingStalled
 from lit_grpo.modules.statistics import step_statistics
+from lit_grpo.objectives.flow_grpo import group_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import RegionReward, Reward, RewardOutput, Scorer, Scores, TranslationReward
@@ -211,7 +211,7 @@ def spatialflow(segmenter=None, **kw):
         group_size=4,
         sample_steps=4,
         eval_steps=2,
-        region_weights=[1.0, 0.0, 0.0],  # the shipped configs/spatialflow.yaml's
+        region_weights={"edit": 1.0},  # the shipped configs/spatialflow.yaml's
         **kw,
     )
 

@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule
-from lit_grpo.modules.objectives import clipped_policy_loss, gathered_group_advantages
 from lit_grpo.modules.stalls import TrainingStalled
+from lit_grpo.objectives import FlowGRPO
+from lit_grpo.objectives.flow_grpo import clipped_policy_loss, gathered_group_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import (
@@ -320,7 +321,7 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="group_size"):
         make_module(group_size=1)
     with pytest.raises(ValueError, match="kl_beta"):
-        make_module(lora=None, kl_beta=0.1)
+        make_module(lora=None, objective=FlowGRPO(kl_beta=0.1))
     with pytest.raises(ValueError, match="max_nonfinite_in_a_row"):
         make_module(max_nonfinite_in_a_row=0)
     with pytest.raises(ValueError, match="max_skipped_in_a_row must be >= 1, got 0"):
@@ -379,7 +380,7 @@ def test_two_gloo_processes_match_one_process():
 
 
 def test_kl_to_the_reference_is_logged_and_grows_from_zero():
-    module = make_module(kl_beta=0.05)
+    module = make_module(objective=FlowGRPO(kl_beta=0.05))
     trainer = fit(module, steps=2, batches=2)
     # step 1 starts at the reference exactly (LoRA B = 0); after one update they differ
     assert trainer.callback_metrics["train/kl"].item() > 0

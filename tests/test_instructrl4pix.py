@@ -10,7 +10,8 @@ import torchvision
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import InstructRL4PixModule
-from lit_grpo.modules.objectives import batch_advantages, group_advantages
+from lit_grpo.objectives.ddpo import batch_advantages
+from lit_grpo.objectives.flow_grpo import group_advantages
 from lit_grpo.perception import ColourSegmenter, Detections
 from lit_grpo.perception.geometry import target_region
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
@@ -262,7 +263,7 @@ def test_module_hands_the_rewards_object_attention_and_target_region():
     assert inputs.attention.shape == (8, 16, 4, 4)
     object_words = module.policy.phrase_tokens(b["instruction"], b["object"]).float()
     assert torch.equal(inputs.attention_tokens, object_words.repeat_interleave(4, 0))
-    _, region = module.target_regions(b)
+    _, region = module.regions(module.scorer.segmenter, b)
     cover = module.policy.pixel_to_tokens(region).view(2, 4, 4)
     assert torch.equal(inputs.attention_region[4], cover[1]) and cover.sum() > 0
     scores = module.score(record, b)

@@ -1,11 +1,12 @@
 """Exact-value tests of the SDE step, group advantages, the clipped loss and the KL term."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 
-from lit_grpo.modules.objectives import clipped_policy_loss, group_advantages, kl_to_reference
+from lit_grpo.objectives.flow_grpo import clipped_policy_loss, group_advantages, kl_to_reference
 from lit_grpo.sampling.sde import sde_std, sde_step
 
 
@@ -136,3 +137,50 @@ def test_a_non_finite_reward_leaves_other_groups_alone_under_group_std():
     assert torch.equal(
         poisoned.values[[0, 1, 3]], group_advantages(r[[0, 1, 3]], 3, "group").values
     )
+
+
+class _Step:
+    def __init__(self, mean, log_prob):
+        self.mean, self.log_prob = mean, log_prob
+        self.diffusion = torch.tensor([0.5, 0.5])
+
+
+class _TwoMeans:
+    """A sampler whose rescored step has means 1 and 3 (a row each, 2 elements), and whose
+    reference (the adapter off) has means 0: no network needed."""
+
+    def __init__(self):
+        self.reference_on = False
+
+    def rescore(self, policy, record, rows, k):
+        mean = torch.tensor([[1.0, 1.0], [3.0, 3.0]])
+        return _Step(torch.zeros_like(mean) if self.reference_on else mean, torch.zeros(2, 2))
+
+
+class _Policy:
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.sampler.reference_on = True
+        yield
+        self.sampler.reference_on = False
+
+
+def test_flow_grpos_kl_term_by_hand():
+    from types import SimpleNamespace
+
+    from lit_grpo.objectives import FlowGRPO, LossInputs, PolicyTargets
+
+    sampler = _TwoMeans()
+    record = SimpleNamespace(log_prob_elements=torch.zeros(2, 1, 2))  # ratio 1: loss = -A
+    targets = PolicyTargets(torch.tensor([1.0, -1.0]), torch.tensor([True, True]), 2.0)
+    inputs = LossInputs(_Policy(sampler), sampler, record, targets, torch.arange(2), 0)
+    loss, stats = FlowGRPO(kl_beta=0.1).loss(inputs)
+    # per row: mean over elements of (mean - ref)^2 / (2 * 0.5^2) = 1 / 0.5 = 2 and 9 / 0.5 = 18;
+    # summed over the valid rows on the denominator 2: (2 + 18) / 2 = 10
+    assert stats.kl.item() == pytest.approx(10.0)
+    # the clipped loss is (-1 + 1) / 2 = 0 at ratio 1; + 0.1 x 10
+    assert loss.item() == pytest.approx(1.0)
+    assert stats.loss.item() == pytest.approx(1.0) and stats.ratio.item() == 1.0

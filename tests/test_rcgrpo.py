@@ -8,13 +8,9 @@ import torch
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import NeighborRCGRPOModule, RCGRPOModule
-from lit_grpo.modules.objectives import (
-    clipped_policy_loss,
-    group_advantages,
-    neighbor_log_probs,
-    quasi_norm_advantages,
-)
-from lit_grpo.modules.update import PolicyTargets
+from lit_grpo.objectives import LossInputs, NeighborGRPO, PolicyTargets
+from lit_grpo.objectives.flow_grpo import group_advantages
+from lit_grpo.objectives.neighbor import neighbor_log_probs, quasi_norm_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.perception.geometry import edit_region
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
@@ -191,7 +187,7 @@ def test_rc_module_samples_in_the_region_and_rewards_see_attention():
     b = batch()
     record = module.sample(b, torch.Generator().manual_seed(0))
     assert record.regions.shape == (8, 16, 16) and record.attention.shape == (8, 16, 4, 4)
-    _, region = module.edit_regions(b)
+    _, region = module.regions(module.scorer.segmenter, b)
     assert torch.equal(record.regions[3], region[0].float())  # pixel space: latent = image
     scores = module.score(record, b)
     assert set(scores.parts) >= {"translation", "background", "attention_concentration"}
@@ -199,9 +195,10 @@ def test_rc_module_samples_in_the_region_and_rewards_see_attention():
     assert ((share >= 0) & (share <= 1)).all()
     # the region-averaged log-prob: ratio exactly 1 on the recorded rollouts
     rows = torch.arange(8)
-    step = module.sampler.rescore(module.policy, record, rows, 0)
-    new = module.updater.reduce(step.log_prob, record, rows)
-    old = module.updater.reduce(record.log_prob_elements[:, 0], record, rows)
+    targets = PolicyTargets(torch.zeros(8), torch.ones(8, dtype=torch.bool))
+    inputs = LossInputs(module.policy, module.sampler, record, targets, rows, 0)
+    new = module.objective.reduce(inputs.rescore().log_prob, inputs)
+    old = module.objective.reduce(record.log_prob_elements[:, 0], inputs)
     assert torch.equal(new.detach(), old)
     m = record.regions[0]
     want = (record.log_prob_elements[0, 0] * m).sum() / (3 * m.sum())
@@ -218,23 +215,51 @@ def test_neighbor_module_rolls_out_ode_and_its_first_ratio_is_one():
     outside = record.regions[0] == 0
     assert torch.equal(x0[0][:, outside], x0[3][:, outside])
     assert not torch.equal(x0[0], x0[1])
-    rows = module.updater.epoch_rows(record, None, "cpu")
+    rows = module.objective.epoch_rows(record, 1, "cpu")
     assert rows.numel() == 4 and set((rows // 4).tolist()) == {0, 1}  # 2 anchors a group
     targets = PolicyTargets(torch.randn(8), torch.ones(8, dtype=torch.bool), 8.0)
-    loss, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 1)
-    assert stats["ratio"].item() == pytest.approx(1.0, abs=1e-4)
+    loss, stats = module.objective.loss(
+        LossInputs(module.policy, module.sampler, record, targets, rows, 1)
+    )
+    assert stats.ratio.item() == pytest.approx(1.0, abs=1e-4)
     loss.backward()
     grads = [p.grad for n, p in module.named_parameters() if "lora_" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+class _OneStepRecord:
+    """A group of 3 one-dimensional rollouts, one ODE step from sigma 1 to 0.5."""
+
+    group_size = 3
+    states = torch.zeros(3, 1, 1, 1, 1)  # [N, K, C, h, w]: every rollout starts at 0
+    next_states = torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1, 1)  # where each landed
+    sigmas, sigma_next = torch.tensor([1.0]), torch.tensor([0.5])
+    condition = torch.zeros(3)
+
+
+class _ConstantVelocity:
+    latent_dtype = torch.float32
+
+    def velocity(self, x, sigma, condition):
+        return torch.full_like(x, -2.0)  # Euler: 0 + (0.5 - 1) * -2 = 1
+
+
 def test_neighbor_loss_is_the_clipped_surrogate_over_each_anchors_group():
-    log_prob = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    old = torch.log(torch.tensor([[0.4, 0.4, 0.2]]))
-    adv = torch.tensor([[1.0, -1.0, 0.0]])
-    loss, _ = clipped_policy_loss(log_prob, old, adv, 0.2, torch.ones(1, 3), 1.0)
-    # -(min(1.25, 1.2) * 1 + min(0.75 * -1, 0.8 * -1) ... = -(1.2 - 0.8 + 0)
-    assert loss.item() == pytest.approx(-(1.2 - 0.8))
+    """NeighborGRPO.loss by hand: anchor 0 of a group of 3 whose rollouts landed at 0, 1, 2.
+    The policy's step now lands at 1; the recorded one at 0 (tau = 1)."""
+    targets = PolicyTargets(torch.tensor([1.0, -1.0, 0.0]), torch.ones(3, dtype=torch.bool), 3.0)
+    objective = NeighborGRPO(clip_range=0.2, anchors=1, temperature=1.0)
+    record, rows = _OneStepRecord(), torch.tensor([0])
+    loss, stats = objective.loss(LossInputs(_ConstantVelocity(), None, record, targets, rows, 0))
+    e = math.exp
+    old = [1 / (1 + e(-1) + e(-4)), e(-1) / (1 + e(-1) + e(-4))]  # distances 0, 1, 4
+    new = [e(-1) / (1 + 2 * e(-1)), 1 / (1 + 2 * e(-1))]  # distances 1, 0, 1
+    r0, r1 = new[0] / old[0], new[1] / old[1]  # 0.294 and 2.171: both outside 1 +- 0.2
+    # A = +1: max(-r0, -clip(r0)) = -r0; A = -1: max(r1, clip(r1)) = r1; A = 0 adds 0.
+    # Denominator: 3 valid rows x 1 anchor / G = 1 anchor
+    assert loss.item() == pytest.approx(-r0 + r1, rel=1e-6)
+    # candidate 2's ratio is e^-1 / Z_new over e^-4 / Z_old = 16: all three are clipped
+    assert stats.clip_fraction.item() == 1.0
 
 
 @pytest.mark.parametrize("cls", [RCGRPOModule, NeighborRCGRPOModule])

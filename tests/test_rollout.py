@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
-from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
+from lit_grpo.objectives.flow_grpo import clipped_policy_loss, kl_to_reference
 from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import EditSpec, Scorer, TranslationReward
 from lit_grpo.rewards.base import Reward, RewardFailed, RewardOutput
@@ -214,3 +214,15 @@ def test_rewards_see_the_edit_spec_and_detections_never_the_ground_truth():
     )
     with pytest.raises(KeyError, match="edit-spec"):
         EditSpec.from_batch({"source": batch["source"]})
+
+
+def test_two_rewards_of_one_name_log_under_their_own_keys():
+    from lit_grpo.rewards import Scorer, TranslationReward
+
+    batch = torch.utils.data.default_collate(
+        [ShapeWorld("train", 2, 16, ("translate",))[i] for i in range(2)]
+    )
+    near, far = TranslationReward(move_fraction=0.25), TranslationReward(move_fraction=0.5)
+    scores = Scorer([near, far])(batch["target"], batch)
+    assert set(scores.parts) >= {"translation", "translation_2"}
+    assert not torch.equal(scores.parts["translation"], scores.parts["translation_2"])

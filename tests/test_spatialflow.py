@@ -5,7 +5,9 @@ import torch
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import SpatialFlowGRPOModule
-from lit_grpo.modules.objectives import kl_to_reference, region_weighted_loss, token_advantages
+from lit_grpo.objectives import LossInputs
+from lit_grpo.objectives.flow_grpo import kl_to_reference
+from lit_grpo.objectives.spatialflow import region_mean, region_weighted_loss, token_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import RegionReward, Scorer, TranslationReward
@@ -112,14 +114,16 @@ def kl_setup(**module_kwargs):
     batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     record = module.sample(batch, torch.Generator().manual_seed(0))
     _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
-    return module, record, targets, torch.arange(len(record))
+    rows = torch.arange(len(record))
+    return module, LossInputs(module.policy, module.sampler, record, targets, rows, 0)
 
 
 def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
-    module, record, targets, rows = kl_setup(kl_beta=0.5)
-    with_kl, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
-    module.updater.kl_beta = 0.0
-    without, _ = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    module, inputs = kl_setup(kl_beta=0.5)
+    record, targets, rows = inputs.record, inputs.targets, inputs.rows
+    with_kl, stats = module.objective.loss(inputs)
+    module.objective.kl_beta = 0.0
+    without, _ = module.objective.loss(inputs)
     with torch.no_grad():
         step = module.sampler.rescore(module.policy, record, rows, 0)
         with module.policy.reference():
@@ -127,14 +131,12 @@ def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
     kl = kl_to_reference(step.mean, ref.mean, step.diffusion)
     kl = (kl * targets.valid.float()).sum() / targets.denominator
     assert kl > 0
-    assert stats["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert stats.kl.item() == pytest.approx(kl.item(), rel=1e-5)
     # float32 sums: the difference of two losses carries their rounding, hence rel 1e-3
     assert (with_kl - without).item() == pytest.approx(0.5 * kl.item(), rel=1e-3)
 
 
 def test_region_mean_by_hand():
-    from lit_grpo.modules.objectives import region_mean
-
     per_token = torch.tensor([[2.0, 4.0, 6.0, 10.0]])
     cover = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 1.0]]])
     # region means: 3 and (0.5 * 6 + 10) / 1.5 = 26 / 3; weights 0 and 1: the second alone
@@ -164,8 +166,10 @@ def test_unmoved_edit_has_the_instructed_place_in_its_edit_region():
 
 
 def test_region_kl_is_the_per_token_kl_over_the_chosen_regions():
-    module, record, targets, rows = kl_setup(kl_beta=2.0, kl_region_weights=[0.0, 1.0, 3.0])
-    _, stats = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    weights = {"others": 1.0, "background": 3.0}  # the edit region left out: weight 0
+    module, inputs = kl_setup(kl_beta=2.0, kl_region_weights=weights)
+    record, targets, rows = inputs.record, inputs.targets, inputs.rows
+    _, stats = module.objective.loss(inputs)
     with torch.no_grad():
         step = module.sampler.rescore(module.policy, record, rows, 0)
         with module.policy.reference():
@@ -178,12 +182,23 @@ def test_region_kl_is_the_per_token_kl_over_the_chosen_regions():
     w = torch.tensor([0.0, 1.0, 3.0]) * (cover.sum(-1) > 0)
     expected = ((w * means).sum(1) / w.sum(1) * targets.valid).sum() / targets.denominator
     assert expected > 0
-    assert stats["kl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats.kl.item() == pytest.approx(expected.item(), rel=1e-5)
     # whole-image KL when no region weights are given
-    module.updater.kl_region_weights = None
-    _, whole = module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    module.objective.kl_region_weights = None
+    _, whole = module.objective.loss(inputs)
     full = (sq.flatten(1).mean(1) * targets.valid).sum() / targets.denominator
-    assert whole["kl"].item() == pytest.approx(full.item(), rel=1e-5)
-    module.updater.kl_region_weights = [1.0, 1.0]
-    with pytest.raises(ValueError, match="2 kl_region_weights for 3 regions"):
-        module.updater.step_loss(module, module.sampler, record, targets, rows, 0)
+    assert whole.kl.item() == pytest.approx(full.item(), rel=1e-5)
+    module.objective.kl_region_weights = {"others": 1.0, "sky": 1.0}
+    with pytest.raises(ValueError, match=r"kl_region_weights names \['sky'\]"):
+        module.objective.loss(inputs)
+
+
+def test_region_weights_are_checked_by_name_at_construction():
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    rewards = [RegionReward([TranslationReward()])]
+    with pytest.raises(ValueError, match=r"region_weights names \['edits'\].*'edit', 'others'"):
+        SpatialFlowGRPOModule(policy, rewards, region_weights={"edits": 1.0})
+    with pytest.raises(ValueError, match="by name"):
+        SpatialFlowGRPOModule(policy, rewards, region_weights=[1.0, 0.0, 0.0])
+    module = SpatialFlowGRPOModule(policy, rewards, region_weights={"edit": 1.0})
+    assert module.objective.weights(("edit", "others", "background")) == ([1.0, 0.0, 0.0], None)

@@ -285,14 +285,14 @@ def test_the_sync_counter_sees_a_sync(monkeypatch):
     """The counter is not blind: an `.item()` inside the update is caught."""
     module = make_module([Brightness()], segmenter=EverywhereSegmenter())
     counter = SyncCounter(monkeypatch)
-    step_loss = module.updater.step_loss
+    step_loss = module.objective.loss
 
-    def with_a_sync(*args):
-        loss, stats = step_loss(*args)
-        stats["loss"].item()
+    def with_a_sync(inputs):
+        loss, stats = step_loss(inputs)
+        stats.loss.item()
         return loss, stats
 
-    module.updater.step_loss = with_a_sync
+    module.objective.loss = with_a_sync
     fit(module, callbacks=[counter])
     assert len(counter.calls) == 2 and counter.calls[0].startswith("Tensor.item")
 

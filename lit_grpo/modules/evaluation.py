@@ -12,10 +12,12 @@ stage only, and load whatever metrics the config now asks for.
 """
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from lit_grpo.loggers import log_text
 from lit_grpo.metrics import format_table
+from lit_grpo.modules.statistics import nanmean
 
 
 def update_edit_metrics(module: L.LightningModule, batch: dict, edits: Tensor) -> None:
@@ -42,3 +44,22 @@ def report_edit_metrics(module: L.LightningModule, stage: str) -> dict:
     if trainer.is_global_zero:
         log_text(trainer, f"{stage}_edits.txt", table)
     return results
+
+
+def evaluate_grpo_edits(module, batch: dict, batch_idx: int, stage: str) -> Tensor:
+    """A GRPO stage's ODE edits of `batch`, scored by its training rewards (logs
+    `{stage}/reward` and every part) and fed to its edit metrics (with the detections the
+    rewards already made; logged at the end of the epoch)."""
+    with module.policy.capture_attention(module.capture_attention) as maps:
+        edits = module.edit(batch["source"], batch["instruction"], seed=batch_idx)
+    attention = torch.stack(maps).mean(0) if maps else None  # over the ODE steps
+    inputs = module.observe(edits, batch, attention=attention)
+    module.edit_metrics.update(batch["source"], edits, batch, inputs.before, inputs.after)
+    scores = module.scorer.judge(inputs)
+    n = batch["source"].shape[0]
+    module.log(
+        f"{stage}/reward", nanmean(scores.total), batch_size=n, sync_dist=True, prog_bar=True
+    )
+    for key, value in scores.parts.items():
+        module.log(f"{stage}/{key}", nanmean(value), batch_size=n, sync_dist=True)
+    return edits

@@ -14,6 +14,8 @@ where every op finishes before the next starts, it reads the wall clock.
 """
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,6 +40,14 @@ class PhaseClock:
 
     def stop(self, phase: str) -> None:
         self.marks[phase] = (self.marks[phase][0], self._now())
+
+    @contextmanager
+    def phase(self, trainer, phase: str) -> Iterator[None]:
+        """Announce `phase` to the callbacks (`announce_phase`) and time it."""
+        announce_phase(trainer, phase)
+        self.start(phase)
+        yield
+        self.stop(phase)
 
     def seconds(self) -> dict[str, float]:
         """Every stopped phase's duration; on a GPU this waits for the last one to finish."""

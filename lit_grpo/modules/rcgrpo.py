@@ -1,54 +1,44 @@
-"""RC-GRPO-Editing (region-constrained GRPO for flow-based editing), our SDE variant.
+"""RC-GRPO-Editing (region-constrained GRPO for flow-based editing): its edit region and
+its two presets.
 
 Per condition, the edit region comes from what a reward could see: the object segmented
 once in the source and the instruction (`perception.geometry.edit_region`: the mask
 shifted by the instructed move, its box grown by the factor, its bounding disk for a
-rotation, plus a margin). The region then
+rotation, plus a margin). `EditRegions` then hands it
 
-1. goes to the noise builder at latent resolution (`policy.latent_masks`): a group shares
-   its initial noise outside the region and explores inside it (`RegionDecoupledNoise`);
-2. goes to the rewards at token resolution (`policy.pixel_to_tokens`) beside the sampler's
-   instruction-to-image attention maps, for `AttentionConcentrationReward`;
-3. weights the policy objective: Flow-GRPO's clipped ratio on the log-probability averaged
-   over the region's elements (`RegionClippedUpdate`).
+1. to the noise builder at latent resolution (`policy.latent_masks`): a group shares its
+   initial noise outside the region and explores inside it (`RegionDecoupledNoise`);
+2. to the rewards at token resolution (`policy.pixel_to_tokens`) beside the sampler's
+   instruction-to-image attention maps, for `AttentionConcentrationReward`.
 
 The paper samples with the deterministic ODE and takes its objective from Neighbor GRPO:
-that is `lit_grpo.modules.neighbor.NeighborRCGRPOModule`. This module is our extension
-beside it (docs/ALGORITHMS.md): Flow-GRPO's SDE with its step noise decoupled the same way
-(`RegionDecoupledNoise(mask_sde=True)`, the default here) and log-probabilities over the
-region. Where the paper leaves it open, ours: the region's construction, its margin, and
-that the region is a coverage in [0, 1] (cells on its edge count in part).
+`NeighborRCGRPOModule` (`configs/rcgrpo.yaml`; `lit_grpo.objectives.neighbor`). Beside it,
+our extension (`RCGRPOModule`, `configs/rcgrpo_sde.yaml`): Flow-GRPO's SDE with its step
+noise decoupled the same way (`RegionDecoupledNoise(mask_sde=True)`) and log-probabilities
+averaged over the region (`lit_grpo.objectives.rcgrpo`). Where the paper leaves it open,
+ours: the region's construction, its margin, and that the region is a coverage in [0, 1]
+(cells on its edge count in part).
+
+The presets are `GRPOModule` with these components filled in; the same run is
+`GRPOModule(objective=..., regions=EditRegions(...), noise=..., strategy=...)`.
 """
 
 from torch import Tensor
 
 from lit_grpo.modules.grpo import GRPOModule
-from lit_grpo.modules.regions import BatchRegions
-from lit_grpo.modules.update import ClippedUpdate
+from lit_grpo.modules.regions import Regions
+from lit_grpo.objectives.neighbor import NeighborGRPO
+from lit_grpo.objectives.rcgrpo import RegionAveragedGRPO
 from lit_grpo.perception import geometry as geo
 from lit_grpo.perception.detections import Detections
 from lit_grpo.policies.base import EditPolicy
-from lit_grpo.rewards.base import EditSpec, Reward, RewardInputs
+from lit_grpo.rewards.base import EditSpec, Reward
 from lit_grpo.sampling.noise import RegionDecoupledNoise
-from lit_grpo.sampling.rollout import RolloutRecord
+from lit_grpo.sampling.strategies import ODETrajectory
 
 
-class RegionClippedUpdate(ClippedUpdate):
-    """Flow-GRPO's update with each step's log-probability averaged over the edit region's
-    elements (weighted by coverage) instead of the whole latent: outside the region a
-    group's transitions are (nearly) shared, so they carry no credit, only noise."""
-
-    def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:
-        if record.regions is None:
-            raise ValueError("the rollouts carry no edit regions: sample with RCGRPOModule")
-        weight = record.regions[rows].float()[:, None].expand_as(elements)  # [n, C, h, w]
-        total = weight.flatten(1).sum(1).clamp_min(1e-8)
-        return (elements.float() * weight).flatten(1).sum(1) / total  # [n]
-
-
-class RCGRPOModule(GRPOModule):
-    """RC-GRPO with Flow-GRPO's SDE (see module docstring). Takes every `GRPOModule` argument
-    (`noise` defaults to `RegionDecoupledNoise(mask_sde=True)`), and:
+class EditRegions(Regions):
+    """RC-GRPO's edit region, to the noise builder and the rewards (see module docstring).
 
     Args:
         move_fraction: the instructed translation as a fraction of the image side (the
@@ -56,44 +46,11 @@ class RCGRPOModule(GRPOModule):
         region_margin: pixels the edit region is grown by.
     """
 
-    capture_attention = True
-
-    def __init__(
-        self,
-        policy: EditPolicy,
-        rewards: list[Reward],
-        move_fraction: float = 0.25,
-        region_margin: int = 1,
-        **kwargs,
-    ):
-        if kwargs.get("noise") is None:
-            kwargs["noise"] = self.default_noise()
-        super().__init__(policy, rewards, **kwargs)
+    def __init__(self, move_fraction: float = 0.25, region_margin: int = 1):
+        super().__init__()
         self.move_fraction, self.region_margin = move_fraction, region_margin
-        h = self.hparams
-        self.updater = self.build_updater(
-            h.clip_range,
-            h.kl_beta,
-            h.inner_epochs,
-            h.minibatches,
-            h.max_grad_norm,
-            h.micro_batch_size,
-        )
-        self._regions = BatchRegions(self.edit_region)
 
-    def default_noise(self) -> RegionDecoupledNoise:
-        return RegionDecoupledNoise(mask_sde=True)
-
-    def build_updater(self, *settings) -> ClippedUpdate:
-        return RegionClippedUpdate(*settings)
-
-    # --- the region of each condition, from the source's detection and the instruction -------
-    def edit_regions(self, batch: dict) -> tuple[Detections, Tensor]:
-        """(the object's detections in the B sources, their edit regions [B, H, W] bool),
-        segmented once per batch (`BatchRegions`)."""
-        return self._regions(self.scorer.segmenter, batch)
-
-    def edit_region(self, before: Detections, batch: dict) -> Tensor:
+    def region(self, before: Detections, batch: dict) -> Tensor:
         spec = EditSpec.from_batch(batch)
         return geo.edit_region(
             before,
@@ -105,22 +62,67 @@ class RCGRPOModule(GRPOModule):
             self.region_margin,
         )
 
-    def sample_regions(self, batch: dict) -> Tensor:
-        _, region = self.edit_regions(batch)
-        latent = self.policy.latent_masks(region)  # [B, h, w] coverage
-        return latent.repeat_interleave(self.hparams.group_size, 0)
+    def noise_regions(self, policy, segmenter, batch: dict, group_size: int) -> Tensor:
+        _, region = self(segmenter, batch)
+        return policy.latent_masks(region).repeat_interleave(group_size, 0)  # [B * G, h, w]
 
-    def observe(
-        self, images: Tensor, batch: dict, repeats: int = 1, attention: Tensor | None = None
-    ) -> RewardInputs:
-        before, region = self.edit_regions(batch)
-        rows, cols = self.policy.token_grid(tuple(region.shape[-2:]))
-        tokens = self.policy.pixel_to_tokens(region).view(-1, rows, cols)  # [B, rows, cols]
-        return self.scorer.observe(
-            images,
-            batch,
-            repeats,
-            attention=attention,
-            attention_region=tokens.repeat_interleave(repeats, 0),
-            before=before,
-        )
+
+class RCGRPOModule(GRPOModule):
+    """RC-GRPO with Flow-GRPO's SDE, our extension (see module docstring): `GRPOModule` with
+    `objective=RegionAveragedGRPO(clip_range, kl_beta, adv_std, adv_clamp)`,
+    `regions=EditRegions(move_fraction, region_margin)` and `noise` defaulting to
+    `RegionDecoupledNoise(mask_sde=True)`. Takes every other `GRPOModule` argument."""
+
+    def __init__(
+        self,
+        policy: EditPolicy,
+        rewards: list[Reward],
+        move_fraction: float = 0.25,
+        region_margin: int = 1,
+        clip_range: float = 2e-4,
+        kl_beta: float = 0.0,
+        adv_std: str = "global",
+        adv_clamp: float = 5.0,
+        **kwargs,
+    ):
+        kwargs["noise"] = kwargs.get("noise") or RegionDecoupledNoise(mask_sde=True)
+        objective = RegionAveragedGRPO(clip_range, kl_beta, adv_std, adv_clamp)
+        regions = EditRegions(move_fraction, region_margin)
+        super().__init__(policy, rewards, objective=objective, regions=regions, **kwargs)
+
+
+class NeighborRCGRPOModule(GRPOModule):
+    """RC-GRPO-Editing, the paper's path (see module docstring): `GRPOModule` with ODE
+    rollouts (`strategy` defaults to `ODETrajectory()`), region-decoupled perturbed initial
+    noise (`noise` defaults to `RegionDecoupledNoise(perturbation)`), `EditRegions` and
+    `NeighborGRPO(clip_range, anchors, temperature, quasi_norm_p, adv_clamp)`.
+    `noise_level` does not apply; there is no KL term (`kl_beta` must stay 0).
+
+    Args:
+        perturbation: sigma of eq. 7 inside the edit region (the paper: 0.3 on whole images).
+        anchors, temperature, quasi_norm_p, clip_range, adv_clamp: `NeighborGRPO`'s.
+        move_fraction, region_margin: `EditRegions`'.
+    """
+
+    def __init__(
+        self,
+        policy: EditPolicy,
+        rewards: list[Reward],
+        perturbation: float = 0.3,
+        anchors: int | None = None,
+        temperature: float = 1e-3,
+        quasi_norm_p: float = 0.8,
+        move_fraction: float = 0.25,
+        region_margin: int = 1,
+        clip_range: float = 2e-4,
+        kl_beta: float = 0.0,
+        adv_clamp: float = 5.0,
+        **kwargs,
+    ):
+        if kl_beta > 0:
+            raise ValueError("NeighborRCGRPOModule has no KL term: set kl_beta to 0")
+        kwargs["strategy"] = kwargs.get("strategy") or ODETrajectory()
+        kwargs["noise"] = kwargs.get("noise") or RegionDecoupledNoise(perturbation=perturbation)
+        objective = NeighborGRPO(clip_range, anchors, temperature, quasi_norm_p, adv_clamp)
+        regions = EditRegions(move_fraction, region_margin)
+        super().__init__(policy, rewards, objective=objective, regions=regions, **kwargs)

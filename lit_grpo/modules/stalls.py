@@ -92,3 +92,43 @@ class InARow:
 
     def load_state_dict(self, state: dict) -> None:
         self.causes = Counter(state.get("causes") or {})
+
+
+class Stalls:
+    """The two streaks a GRPO run keeps: iterations in a row that stepped nothing (a
+    non-finite loss or gradient; `max_nonfinite_in_a_row`) and that had nothing to train
+    (`max_skipped_in_a_row`). Each stops the run at its limit."""
+
+    def __init__(self, max_nonfinite_in_a_row: int, max_skipped_in_a_row: int):
+        for name, limit in (
+            ("max_nonfinite_in_a_row", max_nonfinite_in_a_row),
+            ("max_skipped_in_a_row", max_skipped_in_a_row),
+        ):
+            if limit < 1:
+                raise ValueError(f"{name} must be >= 1, got {limit}")
+        self.nonfinite = InARow(
+            max_nonfinite_in_a_row,
+            "stepped nothing",
+            "max_nonfinite_in_a_row",
+            "Those steps were skipped, not taken. Lower the learning rate, check the policy's "
+            "outputs and the rewards (groups/dropped_samples), or resume from the last "
+            "checkpoint.",
+        )
+        self.skipped = InARow(
+            max_skipped_in_a_row,
+            "trained nothing",
+            "max_skipped_in_a_row",
+            "Look at a few scored rollouts (lit_grpo.callbacks.RolloutImageLogger): do the "
+            "rewards and the segmenter work on this data?",
+        )
+
+    def update(self, skipped: bool, scores, stats: dict, gather, iteration: int, step: int) -> None:
+        """Count the iteration just logged (reads its statistics back: call it after
+        logging); raises `TrainingStalled` at a limit."""
+        if skipped:  # nothing computed: neither breaks nor extends a non-finite streak
+            cause = skip_cause(scores.total, scores.parts["object_found"], gather)
+            self.skipped.update(cause, iteration, step)
+            return
+        self.skipped.update(None, iteration, step)
+        nonfinite = bool(stats["nonfinite_skipped"] > 0)
+        self.nonfinite.update(NONFINITE_LOSS if nonfinite else None, iteration, step)

@@ -13,7 +13,7 @@ rollouts whose total reward is NaN or inf) and `groups/dropped_samples` (their n
 import torch
 from torch import Tensor
 
-from lit_grpo.modules.objectives import Advantages
+from lit_grpo.objectives.base import Advantages
 from lit_grpo.rewards.scoring import Scores
 
 

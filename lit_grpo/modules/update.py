@@ -1,15 +1,14 @@
-"""The GRPO update: inner epochs x minibatches x trained steps over one rollout record.
+"""The update loop of every objective: inner epochs x minibatches x loss terms over one
+rollout record, micro-batched, skips decided on the device.
 
-For each minibatch of rows and each stored step k, the sampler rescores the recorded
-transition under the current policy; the clipped ratio loss (plus beta x the KL to the
-reference, the adapter-off view) is backpropagated per step, and the optimiser steps once
-per minibatch after gradient clipping. `step_loss` is the one method a region method
-overrides (per-token advantages and weights instead of per-rollout ones); two smaller hooks
-sit inside it: `reduce` (per-element log-probs -> per sample: RC-GRPO's region mean) and
-`epoch_rows` (the rows an inner epoch visits: Neighbor GRPO's anchors).
+The loop is the same for every paper; what differs is the `lit_grpo.objectives.Objective`
+it is handed: which rows an inner epoch visits (`epoch_rows`: Neighbor GRPO's anchors), how
+many loss terms a row has (`terms`: the record's trained steps), and the loss of one term
+on some rows (`loss(LossInputs)` -> loss with grad, `LossStats`). The optimiser steps once
+per minibatch after gradient clipping.
 
 Memory: with `micro_batch_size` a minibatch's forward and backward passes run on at most
-that many rows at a time and the gradients accumulate. Every loss here is a sum over rows
+that many rows at a time and the gradients accumulate. Every loss is a sum over rows
 divided by a denominator fixed before the update (`PolicyTargets.denominator`), so the
 micro-batches' losses add up to the minibatch's loss and the accumulated gradient is the
 full-batch one, with no rescaling.
@@ -40,7 +39,7 @@ once per training batch). The LR scheduler steps with every optimiser step the u
 attempts, those skipped on the device included.
 
 Lightning's manual-optimisation hooks (`optimizers`, `manual_backward`,
-`block_backward_sync`) come from the module passed in; the update holds only its settings.
+`block_backward_sync`) come from the module passed in; the loop holds only its settings.
 Gradients are clipped with `torch.nn.utils.clip_grads_with_norm_` and the norm the skip
 decision already took (Lightning's `clip_gradients` refuses a fused optimiser under mixed
 precision; under FSDP2 the 0-d clip factor multiplies the DTensor shards as a replicated
@@ -48,44 +47,20 @@ scalar); fp16 with loss scaling is refused (bf16 and fp32 are what the update su
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.nn.utils import clip_grads_with_norm_
 
-from lit_grpo.modules.objectives import clipped_policy_loss, kl_to_reference
-from lit_grpo.sampling.flow import host_to_device
+from lit_grpo.objectives.base import LossInputs, LossStats, Objective, PolicyTargets
 from lit_grpo.sampling.rollout import RolloutRecord, RolloutSampler
-from lit_grpo.sampling.sde import reduce_log_prob
 
 
-@dataclass(frozen=True)
-class PolicyTargets:
-    """What the update trains towards, this rank's rows: advantages [N] (0 where not valid),
-    valid [N] bool, and the loss denominator (valid rows of all ranks per minibatch and rank,
-    so DDP's gradient average equals the single-process loss). Region methods add per-token
-    advantages `tokens` [N, T] and the regions' token cover `cover` [N, R, T]."""
-
-    advantages: Tensor
-    valid: Tensor
-    denominator: Tensor | float
-    tokens: Tensor | None = None
-    cover: Tensor | None = None
-
-
-# statistics that are sums over rows divided by the fixed denominator: they add up over
-# micro-batches; the others are means over rows, combined weighted by valid rows
-ADDITIVE_STATS = ("loss", "kl")
-
-
-class ClippedUpdate:
-    """Flow-GRPO's policy update (see module docstring).
+class UpdateLoop:
+    """The policy update of every objective (see module docstring).
 
     Args:
-        clip_range: PPO clip epsilon (Talk2Move: 2e-4).
-        kl_beta: weight of the KL to the reference, on Flow-GRPO's scale (see `kl_to_reference`).
         inner_epochs, minibatches: passes over each rollout batch, and splits per pass.
         max_grad_norm: gradient clipping (L2 norm).
         micro_batch_size: the most rows one forward and backward pass sees (None: the whole
@@ -94,8 +69,6 @@ class ClippedUpdate:
 
     def __init__(
         self,
-        clip_range: float = 2e-4,
-        kl_beta: float = 0.0,
         inner_epochs: int = 1,
         minibatches: int = 1,
         max_grad_norm: float = 1.0,
@@ -107,7 +80,6 @@ class ClippedUpdate:
             )
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
-        self.clip_range, self.kl_beta = clip_range, kl_beta
         self.inner_epochs, self.minibatches = inner_epochs, minibatches
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
@@ -115,13 +87,14 @@ class ClippedUpdate:
     def __call__(
         self,
         module: L.LightningModule,
+        objective: Objective,
         sampler: RolloutSampler,
         record: RolloutRecord,
         targets: PolicyTargets,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Train on `record`; `generator` (CPU) draws the minibatch order (None: global RNG).
-        Returns the statistics as 0-d device tensors (read them when logging)."""
+        """Train `objective` on `record`; `generator` (CPU) draws the minibatch order (None:
+        global RNG). Returns the statistics as 0-d device tensors (read them when logging)."""
         opt, sched = module.optimizers(), module.lr_schedulers()
         strategy = module.trainer.strategy
         if getattr(strategy.precision_plugin, "scaler", None) is not None:
@@ -130,10 +103,11 @@ class ClippedUpdate:
                 f"{module.trainer.precision!r}); use precision bf16-mixed, bf16-true or 32"
             )
         zero = torch.zeros((), device=module.device)
-        totals = dict.fromkeys(("loss", "approx_kl", "clip_fraction", "ratio", "kl"), zero)
+        totals = dict.fromkeys(LossStats.keys(), zero)
         count, norms, taken, nonfinite, empty = zero, zero, zero, zero, zero
+        terms = objective.terms(record)
         for _ in range(self.inner_epochs):
-            rows = self.epoch_rows(record, targets, module.device, generator)
+            rows = objective.epoch_rows(record, self.minibatches, module.device, generator)
             chunks = rows.chunk(self.minibatches)
             # valid rows per minibatch summed over ranks (a collective, not a host read): all
             # ranks skip the same minibatches, or DDP's next all-reduce would hang
@@ -141,10 +115,11 @@ class ClippedUpdate:
             live = _all_reduce(live, "sum") > 0
             for rows, has_rows in zip(chunks, live):
                 opt.zero_grad(set_to_none=True)
-                stats, finite = self.minibatch_backward(module, sampler, record, targets, rows)
+                inputs = LossInputs(module.policy, sampler, record, targets, rows, 0)
+                stats, finite = self.minibatch_backward(module, objective, inputs, terms)
                 for key, value in stats.items():
-                    totals[key] = totals.get(key, zero) + torch.where(has_rows, value, 0.0)
-                count = count + has_rows * record.num_trained_steps
+                    totals[key] = totals[key] + torch.where(has_rows, value, 0.0)
+                count = count + has_rows * terms
                 # the norm of the whole gradient (after DDP's all-reduce; over every shard
                 # under FSDP2), the same on every rank. Whether to skip is decided by all
                 # ranks together (a min over ranks, on the device): a rank that stepped alone
@@ -174,19 +149,14 @@ class ClippedUpdate:
         return out
 
     def minibatch_backward(
-        self,
-        module: L.LightningModule,
-        sampler: RolloutSampler,
-        record: RolloutRecord,
-        targets: PolicyTargets,
-        rows: Tensor,
+        self, module: L.LightningModule, objective: Objective, minibatch: LossInputs, terms: int
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """Backpropagate the loss of `rows` for every trained step, `micro_batch_size` rows
-        per pass. Returns the statistics summed over the trained steps (device tensors) and
+        """Backpropagate the loss of `minibatch.rows` for every loss term, `micro_batch_size`
+        rows per pass. Returns the statistics summed over the terms (device tensors) and
         whether every loss was finite (a 0-d bool tensor)."""
-        num_steps = record.num_trained_steps
+        rows, targets = minibatch.rows, minibatch.targets
         micro = rows.split(self.micro_batch_size or max(rows.numel(), 1))
-        passes = [(part, k) for part in micro for k in range(num_steps)]
+        passes = [(part, k) for part in micro for k in range(terms)]
         sync_block = getattr(module.trainer.strategy, "block_backward_sync", nullcontext)
         valid = targets.valid.float()
         share_of = valid[rows].sum().clamp_min(1)
@@ -195,77 +165,17 @@ class ClippedUpdate:
         for i, (part, k) in enumerate(passes):
             # all-reduce the gradients once per minibatch, on its last backward pass
             with sync_block() if i < len(passes) - 1 else nullcontext():
-                loss, stats = self.step_loss(module, sampler, record, targets, part, k)
-                module.manual_backward(loss / num_steps)
+                inputs = LossInputs(
+                    minibatch.policy, minibatch.sampler, minibatch.record, targets, part, k
+                )
+                loss, stats = objective.loss(inputs)
+                module.manual_backward(loss / terms)
             share = valid[part].sum() / share_of  # mean statistics: weighted by valid rows
-            for key, value in stats.items():  # detached: not in a graph
-                value = value if key in ADDITIVE_STATS else value * share
+            for key, value in stats.as_dict().items():  # detached: not in a graph
+                value = value if key in LossStats.ADDITIVE else value * share
                 totals[key] = totals.get(key, 0.0) + value
-            finite = finite & torch.isfinite(stats["loss"])
+            finite = finite & torch.isfinite(stats.loss)
         return totals, finite
-
-    def epoch_rows(
-        self,
-        record: RolloutRecord,
-        targets: PolicyTargets,
-        device,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """The rows one inner epoch trains, in order (shuffled by the CPU `generator` when
-        split in minibatches)."""
-        n = len(record)
-        if self.minibatches > 1:
-            return host_to_device(torch.randperm(n, generator=generator), device)
-        return torch.arange(n, device=device)
-
-    def reduce(self, elements: Tensor, record: RolloutRecord, rows: Tensor) -> Tensor:
-        """Per-element log-probs [n, C, h, w] of `rows` -> per-sample [n]: Flow-GRPO's mean
-        over every element here; region methods weight the elements."""
-        return reduce_log_prob(elements, "mean")
-
-    def step_loss(
-        self,
-        module: L.LightningModule,
-        sampler: RolloutSampler,
-        record: RolloutRecord,
-        targets: PolicyTargets,
-        rows: Tensor,
-        k: int,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of stored step k on `rows` (with grad) and its statistics."""
-        step = sampler.rescore(module.policy, record, rows, k)
-        log_prob = self.reduce(step.log_prob, record, rows)  # [n]
-        old = self.reduce(record.log_prob_elements[rows, k], record, rows)  # [n]
-        weights = targets.valid[rows].float()
-        loss, s = clipped_policy_loss(
-            log_prob, old, targets.advantages[rows], self.clip_range, weights, targets.denominator
-        )
-        stats = {
-            "loss": loss.detach(),
-            "approx_kl": s.approx_kl,
-            "clip_fraction": s.clip_fraction,
-            "ratio": s.ratio_mean,
-        }
-        return self.add_kl(module, sampler, record, targets, rows, k, step, loss, stats)
-
-    def add_kl(self, module, sampler, record, targets, rows, k, step, loss, stats):
-        """`loss` plus beta x the KL of stored step k's means to the reference's (the
-        adapter-off view), per sample, over the valid rows, on the loss's denominator."""
-        if self.kl_beta <= 0:
-            return loss, stats
-        with torch.no_grad(), module.policy.reference():
-            ref = sampler.rescore(module.policy, record, rows, k)
-        kl = self.row_kl(module, record, targets, rows, step, ref)  # [n]
-        kl = (kl * targets.valid[rows].float()).sum() / targets.denominator
-        loss = loss + self.kl_beta * kl
-        stats["loss"] = loss.detach()
-        stats["kl"] = kl.detach()
-        return loss, stats
-
-    def row_kl(self, module, record, targets, rows, step, ref):
-        """The KL of each row [n] between the step's means and the reference's: Flow-GRPO's,
-        over every element (region methods override it)."""
-        return kl_to_reference(step.mean, ref.mean, step.diffusion)
 
 
 def _no_closure() -> None:
@@ -278,6 +188,9 @@ def _step_where(strategy, opt, step: Tensor) -> None:
     `found_inf` is set (the flag `torch.amp.GradScaler` hands them). Any other optimiser
     reads `step` on the host (one sync per optimiser step)."""
     raw = opt.optimizer
+    # torch has no public way to skip a fused step on the device: `found_inf` is the
+    # attribute `torch.amp.GradScaler` hands the fused kernels, which advertise taking it
+    # with `_step_supports_amp_scaling`; the alternative is one host sync per minibatch
     if getattr(raw, "_step_supports_amp_scaling", False):
         raw.found_inf = (~step).float()
         try:

@@ -202,13 +202,44 @@ def _read_entry(weights: str) -> dict:
 def load_policy(weights: str, **overrides) -> nn.Module:
     """Build the policy a weights file describes and load it (no config needed);
     `overrides` replace stored constructor values (`pretrained`: where the folder is now)."""
-    from lit_grpo import policies
-
     _, config, cls = read_policy_file(weights)
-    factory = getattr(policies, cls or "", None)
+    factory = policy_class(cls)
     if factory is None:
-        raise IncompatibleWeightsError(f"{weights} holds weights of unknown policy class {cls!r}")
+        known = ", ".join(sorted(policy_classes()))
+        raise IncompatibleWeightsError(
+            f"{weights} holds weights of unknown policy class {cls!r}; lit_grpo builds {known}"
+        )
     return factory(**{**config, **overrides}, weights=weights)
+
+
+def policy_classes() -> dict[str, type]:
+    """The policy classes a weights file may name: lit_grpo's own `EditPolicy` subclasses
+    exported by `lit_grpo.policies`, by bare class name."""
+    from lit_grpo import policies
+    from lit_grpo.policies.base import EditPolicy
+
+    exported = (getattr(policies, name) for name in policies.__all__)
+    return {
+        c.__name__: c
+        for c in exported
+        if isinstance(c, type) and issubclass(c, EditPolicy) and c is not EditPolicy
+    }
+
+
+def policy_class(name: str | None) -> type | None:
+    """The policy class a weights file names (its bare class name, or the full path
+    `lit_grpo.policies....Name` of one of lit_grpo's policies); None for anything else.
+    Never imports or calls a name outside `policy_classes()`: a weights file chooses among
+    lit_grpo's policies, not arbitrary code."""
+    if not name:
+        return None
+    module, _, bare = name.rpartition(".")
+    cls = policy_classes().get(bare)
+    if cls is None or (
+        module and f"{cls.__module__}.{bare}" != name and module != "lit_grpo.policies"
+    ):
+        return None
+    return cls
 
 
 def load_policy_weights(policy: nn.Module, weights: str) -> None:

@@ -50,6 +50,7 @@ class RegionReward(Reward):
 
     name = "regions"
     needs_scene = True
+    region_names = REGIONS  # the names objectives weigh the regions by
 
     def __init__(
         self,

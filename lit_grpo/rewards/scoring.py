@@ -43,6 +43,7 @@ class Scorer(nn.Module):
             raise ValueError("scoring needs at least one reward")
         self.rewards = nn.ModuleList(rewards)
         self.segmenter = segmenter or ColourSegmenter()
+        self.keys = log_keys(rewards)
 
     @torch.no_grad()
     def observe(
@@ -93,11 +94,12 @@ class Scorer(nn.Module):
         total = torch.zeros(n, device=inputs.images.device)
         parts = {"object_found": inputs.after.found.float()}
         regions = {}
-        for reward in self.rewards:
+        for reward, key in zip(self.rewards, self.keys):
             out = run_reward(reward, inputs)  # one RewardFailed line naming a broken reward
             total = total + reward.weight * out.scores.float()
-            parts[reward.name] = out.scores.float()
-            parts.update(out.extras)
+            parts[key] = out.scores.float()
+            prefix = "" if key == reward.name else f"{key}/"
+            parts.update({prefix + k: v for k, v in out.extras.items()})
             if out.regions is not None:
                 r = out.regions.shape[1] if out.regions.ndim == 2 else -1
                 masks = out.region_masks
@@ -112,8 +114,21 @@ class Scorer(nn.Module):
                         f"named {out.region_names}; the contract is [N, R] scores with R names "
                         "and [N, R, H, W] region_masks"
                     )
-                regions[reward.name] = out
+                regions[key] = out
         return Scores(total, parts, regions)
 
     def forward(self, images: Tensor, batch: dict, repeats: int = 1) -> Scores:
         return self.judge(self.observe(images, batch, repeats))
+
+
+def log_keys(rewards: list) -> list[str]:
+    """Each reward's key in the logs and in `Scores.parts` / `.regions`: its `name`, with
+    `_2`, `_3`, ... on the second and later rewards of one name (two TranslationRewards with
+    different settings would otherwise overwrite each other's logged values)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for reward in rewards:
+        seen[reward.name] = seen.get(reward.name, 0) + 1
+        n = seen[reward.name]
+        keys.append(reward.name if n == 1 else f"{reward.name}_{n}")
+    return keys

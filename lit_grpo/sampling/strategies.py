@@ -87,6 +87,16 @@ class EarlyExit(SamplingStrategy):
             raise ValueError(f"exit_step must be >= 1, got {exit_step}")
         self.exit_step = exit_step
 
+    def check_schedule(self, num_steps: int) -> None:
+        """Refuse an exit step past a schedule of `num_steps` (`plan` would clamp it to the
+        last step and train something else)."""
+        if self.exit_step >= num_steps:
+            raise ValueError(
+                f"the EarlyExit strategy's exit_step {self.exit_step} is past the "
+                f"schedule of sample_steps={num_steps} (steps 0..{num_steps - 1}); set "
+                f"exit_step to at most {num_steps - 1} or raise sample_steps"
+            )
+
     def plan(self, num_steps: int, train_step: int = 0) -> SamplingPlan:
         k = min(self.exit_step, num_steps - 1)
         steps = tuple(range(k))
