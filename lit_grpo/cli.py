@@ -139,8 +139,11 @@ class LitGRPOCLI(LightningCLI):
             return
         what = "checkpoint (--ckpt_path)"
         # a URL is fetched and checked like a local file; Lightning then loads the local copy
+        local = local_copy(ckpt, what)
+        if not str(ckpt).lower().startswith("file:") and str(local) != str(ckpt):
+            what = f"checkpoint (--ckpt_path) {ckpt}, fetched as"
         path = ensure_file(
-            local_copy(ckpt, what),
+            local,
             what,
             "Pass the path of a .ckpt written by a lit_grpo run (runs/<experiment>/"
             "<run>/checkpoints/), or leave --ckpt_path out to start fresh.",
@@ -353,11 +356,21 @@ def _raised_by_lit_grpo(err: BaseException) -> bool:
 
 
 def _raising_constructor(err: BaseException) -> str | None:
-    """The class name if `err` was raised directly by the `__init__` of a lit_grpo class."""
-    frame = _innermost_frame(err)
-    if frame is None or frame.f_code.co_name != "__init__" or not _raised_by_lit_grpo(err):
-        return None
-    owner = frame.f_locals.get("self")
+    """The class name if `err` was raised by the `__init__` of a lit_grpo class, directly or
+    through lit_grpo's own checks that it calls (`strategy.check_schedule`): every frame from
+    that `__init__` inwards is lit_grpo's code, so the message is an argument check of ours."""
+    package = str(Path(__file__).resolve().parent)
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    owner = None
+    for frame in reversed(frames):  # innermost first
+        if not frame.f_code.co_filename.startswith(package):
+            break
+        if frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is not None:
+            owner = frame.f_locals["self"]  # keep going: the outermost such __init__ names it
     return type(owner).__name__ if owner is not None else None
 
 

@@ -82,6 +82,7 @@ def test_a_booby_trapped_checkpoint_runs_nothing_on_any_path(served, capsys):
             line = refusal(capsys, command, "--config", config, f"--ckpt_path={ckpt}")
             assert "is not a readable checkpoint" in line, line
             assert "weights_only=False" not in line
+            assert ckpt in line or trap.name in line  # the URL the user gave, or the file
         line = refusal(
             capsys,
             "fit",
