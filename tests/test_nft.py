@@ -1,6 +1,7 @@
 """DiffusionNFT: exact values of its loss, v_old fixed at the sampling policy, a CLI fit."""
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -102,6 +103,18 @@ def test_v_old_is_the_sampling_policy_for_the_whole_update():
     assert not torch.equal(nft.draws(fresh)[1], v_old)
 
 
+def test_noise_comes_from_the_modules_generator_not_the_global_rng():
+    record, state = _Record(torch.randn(2, 1, 2, 2)), torch.get_rng_state()
+    a, b = DiffusionNFT(), DiffusionNFT()
+    a.epoch_rows(record, 1, "cpu", torch.Generator().manual_seed(3))
+    b.epoch_rows(record, 2, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(a._noise, b._noise) and a._noise.shape == (2, 2, 1, 2, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    noise = a._noise
+    a.epoch_rows(record, 1, "cpu", torch.Generator().manual_seed(4))  # a second inner epoch
+    assert a._noise is noise
+
+
 def test_kl_term_against_the_reference_by_hand():
     torch.manual_seed(0)
     policy, record = _Policy(), _Record(torch.randn(2, 1, 2, 2))
@@ -114,7 +127,7 @@ def test_kl_term_against_the_reference_by_hand():
     # is mean(noise^2); the loss is the NFT loss plus 0.1 of it
     assert torch.allclose(stats.kl, (noise[0, 0] ** 2).mean())
     plain = DiffusionNFT()
-    plain._record, plain._noise, plain._v_old = record, *nft.draws(inputs)
+    plain._record, plain._noise, plain._v_old = weakref.ref(record), *nft.draws(inputs)
     assert torch.allclose(loss, plain.loss(inputs)[0] + 0.1 * stats.kl)
 
 

@@ -28,13 +28,16 @@ decay 0 is this). The reference (adapter-off) view would be the SFT editor inste
 policy that made the data, and the contrast between v+ and v- would then be measured from
 the wrong place. The noise levels are the record's trained steps (`ODETrajectory`'s
 sigmas): one loss term per level. The noise, and v_old with it, is drawn once per record
-(global RNG, on the device) and reused across inner epochs. The official code's extra
+(from the module's generator, so a resumed run draws the same) and reused across inner
+epochs. The official code's extra
 factor C on the loss (a constant) is dropped. An optional `kl_beta` adds the official
 code's penalty, mean((v_theta - v_ref)^2), against the adapter-off reference.
 
 NFT has no ratio: its `LossStats` carry `approx_kl` = mean (v_theta - v_old)^2 (how far the
 update moved from the sampling policy), `clip_fraction` 0 and `ratio` 1.
 """
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -112,7 +115,7 @@ class DiffusionNFT(Objective):
             raise ValueError(f"adv_std must be 'group' or 'global', got {adv_std!r}")
         self.beta, self.adv_clip, self.adv_std = beta, adv_clip, adv_std
         self.adaptive_weighting, self.kl_beta = adaptive_weighting, kl_beta
-        self._record = None  # the record the draws below belong to
+        self._record: weakref.ref | None = None  # the record the draws below belong to
         self._noise: Tensor | None = None  # [N, K, C, h, w]
         self._v_old: Tensor | None = None  # [N, K, C, h, w]
 
@@ -123,23 +126,39 @@ class DiffusionNFT(Objective):
         """One loss term per noise level: the record's trained steps."""
         return record.num_trained_steps
 
+    def epoch_rows(self, record, minibatches: int, device, generator=None) -> Tensor:
+        """The base's rows; first, the record's noise from `generator` (the module's: a
+        resumed run draws the same)."""
+        self.prepare(record, generator)
+        return super().epoch_rows(record, minibatches, device, generator)
+
+    def prepare(self, record, generator: torch.Generator | None = None) -> None:
+        """Draw the noise [N, K, C, h, w] of a record not seen before (CPU `generator`, or
+        the global RNG) and forget the previous record's v_old. Only a weak reference to
+        the record is kept: it is freed with the step that made it."""
+        if self._record is not None and self._record() is record:
+            return
+        x0 = record.latents
+        shape = (len(record), record.num_trained_steps, *x0.shape[1:])
+        self._noise = host_to_device(torch.randn(shape, generator=generator), x0.device)
+        self._record, self._v_old = weakref.ref(record), None
+
     def draws(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
-        """(noise, v_old) [N, K, C, h, w] of the whole record, made on the first loss of its
-        update (before any optimiser step: v_old is the sampling policy's) and kept."""
-        record = inputs.record
-        if record is not self._record:
-            x0 = record.latents.float()  # [N, C, h, w]
-            shape = (len(record), record.num_trained_steps, *x0.shape[1:])
-            noise = host_to_device(torch.randn(shape), x0.device)
-            olds = []
+        """(noise, v_old) [N, K, C, h, w] of the whole record; v_old is taken on the first
+        loss of the record's update (before any optimiser step: the sampling policy's)."""
+        record, policy = inputs.record, inputs.policy
+        self.prepare(record)
+        if self._v_old is None:
+            x0, olds = record.latents.float(), []
             with torch.no_grad():
                 for k in range(record.num_trained_steps):
-                    x_s = self.noised(x0, noise[:, k], record.sigmas[k])
-                    x_s = x_s.to(inputs.policy.latent_dtype)
+                    x_s = self.noised(x0, self._noise[:, k], record.sigmas[k])
                     sigma = record.sigmas[k].expand(len(record))
-                    v = inputs.sampler.velocity(inputs.policy, x_s, sigma, record.condition)
+                    v = inputs.sampler.velocity(
+                        policy, x_s.to(policy.latent_dtype), sigma, record.condition
+                    )
                     olds.append(v.float())
-            self._record, self._noise, self._v_old = record, noise, torch.stack(olds, 1)
+            self._v_old = torch.stack(olds, 1)
         return self._noise, self._v_old
 
     def noised(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
