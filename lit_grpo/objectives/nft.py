@@ -13,7 +13,7 @@ with flow matching, contrasting an implicit positive and an implicit negative po
 with v_old the velocity of the policy that sampled the rollouts (no gradient). The paper's
 eq. writes r ||v+ - v||^2 + (1 - r) ||v- - v||^2 with r = 1/2 + 1/2 clip((r_raw -
 E r_raw) / Z_c, -1, 1); the rest follows the official code (NVlabs/DiffusionNFT,
-scripts/train_nft_sd3.py): A is the GRPO advantage (reward minus group mean over the std)
+scripts/train_nft_sd3.py, as read in a public fork's copy): A is the GRPO advantage (reward minus group mean over the std)
 and Z_c = C std with C = adv_clip_max = 5; each clean image is trained at every noise level
 of the sampling schedule with fresh noise; l is the x0-space error divided by its own
 detached mean absolute value ("adaptive weighting": in velocity terms s MSE / MAE, so a
@@ -29,8 +29,7 @@ policy that made the data, and the contrast between v+ and v- would then be meas
 the wrong place. The noise levels are the record's trained steps (`ODETrajectory`'s
 sigmas): one loss term per level. The noise, and v_old with it, is drawn once per record
 (from the module's generator, so a resumed run draws the same) and reused across inner
-epochs. The official code's extra
-factor C on the loss (a constant) is dropped. An optional `kl_beta` adds the official
+epochs. The official code's extra factor C on the loss (a constant) is dropped. An optional `kl_beta` adds the official
 code's penalty, mean((v_theta - v_ref)^2), against the adapter-off reference.
 
 NFT has no ratio: its `LossStats` carry `approx_kl` = mean (v_theta - v_old)^2 (how far the
