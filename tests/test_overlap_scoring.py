@@ -101,6 +101,30 @@ def test_the_rewards_of_a_chunk_run_in_the_worker_while_the_next_chunk_samples()
     assert torch.equal(whole.images, module.sample(batch).images)
 
 
+class NotingReward(TranslationReward):
+    """TranslationReward that notes the per-thread torch state it runs under."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, inputs):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        return super().forward(inputs)
+
+
+def test_the_worker_scores_under_the_training_thread_s_autocast_and_no_grad():
+    """Autocast and grad mode are per thread in torch: the worker takes the training
+    thread's (the Trainer's bf16-mixed autocast wraps training_step), as serial scoring does."""
+    module = make_module([NotingReward()], score_chunk=1, overlap_scoring=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollouts(module, make_batch(2), 1, overlap=True)
+    assert module.scorer.rewards[0].seen == [(True, False)] * 2
+    module.scorer.rewards[0].seen.clear()
+    rollouts(module, make_batch(2), 1, overlap=True)
+    assert module.scorer.rewards[0].seen == [(False, False)] * 2
+
+
 def test_a_reward_error_in_the_worker_is_the_serial_path_s_one_line():
     batch = make_batch(2)
     messages = []

@@ -17,12 +17,15 @@ differ from unchunked rollouts, whose noise is drawn in another order.
 Only rewards that release the GIL gain: a `RemoteReward` waiting on its server, rewards
 running on a GPU. Pure-Python or CPU-bound rewards would compete with sampling for the
 same cores. The worker is one thread: chunks are judged one after another, in order, so a
-reward's state (`RemoteReward`'s failures in a row) sees them as in the serial path; an
+reward's state (`RemoteReward`'s failures in a row) sees them as in the serial path. The
+worker runs under the training thread's grad mode, CUDA device and autocast (all per
+thread in torch), so a reward computes as it would in the training thread. An
 exception it raised is raised again, unchanged, in the training thread, before the next
 chunk samples if it has already arrived, else when the scores are gathered.
 """
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 
 import torch
 from torch import Tensor
@@ -59,6 +62,7 @@ def sample_and_score(
     plan = module.strategy.plan(module.hparams.sample_steps, module.iteration)
     records, scored = [], []
     pool = ThreadPoolExecutor(1, thread_name_prefix="lit_grpo-rewards") if overlap else None
+    context = (module.device, _autocast())  # the thread-local state the rewards run under
     try:
         for chunk in condition_chunks(batch, size):
             _raise_early(scored)
@@ -69,7 +73,7 @@ def sample_and_score(
                 if pool is None:
                     scored.append(module.scorer.judge(inputs))
                 else:
-                    scored.append(pool.submit(_judge, module.scorer, inputs))
+                    scored.append(pool.submit(_judge, module.scorer, inputs, *context))
             records.append(record)
         with clock.phase(trainer, "rewards"):
             scores = [s.result() if isinstance(s, Future) else s for s in scored]
@@ -79,9 +83,23 @@ def sample_and_score(
     return RolloutRecord.cat(records), Scores.cat(scores)
 
 
-def _judge(scorer, inputs) -> Scores:
-    with torch.no_grad():  # grad mode is per thread
+def _judge(scorer, inputs, device: torch.device, autocast: list) -> Scores:
+    """`scorer.judge(inputs)` in the worker under the training thread's settings, which are
+    per thread: no grad, the CUDA device of this rank, the Trainer's autocast (bf16-mixed)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        for device_type, dtype in autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
         return scorer.judge(inputs)
+
+
+def _autocast() -> list[tuple[str, torch.dtype]]:
+    """The autocast regions the calling thread is in: (device type, dtype)."""
+    return [
+        (d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)
+    ]
 
 
 def _raise_early(scored: list) -> None:
