@@ -12,6 +12,7 @@ from test_grpo import make_batch, make_module
 from test_user_errors import error_of
 
 from lit_grpo.__main__ import main
+from lit_grpo.checks import ConfigError
 from lit_grpo.cli import run_cli
 from lit_grpo.modules.chunked_scoring import condition_chunks, sample_and_score
 from lit_grpo.modules.phases import PhaseClock
@@ -160,6 +161,28 @@ def test_overlap_without_chunks_is_refused_in_one_line(in_tmp, capsys):
     )
     with pytest.raises(ValueError, match="score_chunk must be >= 1"):
         make_module([TranslationReward()], score_chunk=0)
+
+
+def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
+    module = make_module([TranslationReward()], score_chunk=1)
+    encode = module.policy.encode_condition
+
+    def ragged(source, instructions):  # text padded to the chunk's longest, as Qwen's is
+        cond = encode(source, instructions)
+        extra = module.policy.calls = getattr(module.policy, "calls", 0) + 1  # 1, 2, ...
+        text = torch.nn.functional.pad(cond.text, (0, 0, 0, extra))
+        mask = torch.nn.functional.pad(cond.text_mask, (0, extra))
+        return type(cond)(text, mask, cond.image)
+
+    module.policy.encode_condition = ragged
+    with pytest.raises(ConfigError) as err:
+        rollouts(module, make_batch(2), 1, overlap=False)
+    l_tokens, width = encode(make_batch(1)["source"], ["x"]).text.shape[1:]  # fixed length
+    assert str(err.value) == (
+        f"score_chunk: TinyEditPolicy encodes chunk 2's condition.text as "
+        f"({l_tokens + 2}, {width}) per row, chunk 1's as ({l_tokens + 1}, {width}) (it pads "
+        "per batch); leave score_chunk unset with this policy"
+    )
 
 
 def test_chunks_split_conditions_and_scores_join_in_order():

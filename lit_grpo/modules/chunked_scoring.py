@@ -30,6 +30,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
+from lit_grpo.checks import ConfigError
 from lit_grpo.modules.phases import PhaseClock
 from lit_grpo.rewards.scoring import Scores
 from lit_grpo.sampling.rollout import RolloutRecord
@@ -80,7 +81,25 @@ def sample_and_score(
     finally:
         if pool is not None:  # on an error: drop the chunks not started, wait for the one
             pool.shutdown(wait=True, cancel_futures=True)  # running (bounded by its timeout)
+    _check_conditions(module, records)
     return RolloutRecord.cat(records), Scores.cat(scores)
+
+
+def _check_conditions(module, records: list[RolloutRecord]) -> None:
+    """Chunks join only if their encoded conditions have the same shape beyond the rows: a
+    policy that pads its text per batch would need padding the stored conditions, and the
+    update would rescore them otherwise than they were sampled."""
+    first = records[0].condition
+    for k, record in enumerate(records[1:], 2):
+        for name, value in vars(record.condition).items():
+            mine, theirs = getattr(first, name), value
+            if isinstance(mine, Tensor) and mine.shape[1:] != theirs.shape[1:]:
+                raise ConfigError(
+                    f"score_chunk: {type(module.policy).__name__} encodes chunk {k}'s "
+                    f"condition.{name} as {tuple(theirs.shape[1:])} per row, chunk 1's as "
+                    f"{tuple(mine.shape[1:])} (it pads per batch); leave score_chunk unset "
+                    "with this policy"
+                )
 
 
 def _judge(scorer, inputs, device: torch.device, autocast: list) -> Scores:
