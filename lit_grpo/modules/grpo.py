@@ -19,9 +19,14 @@ Host syncs: none from the first policy call to `_log_step` but one, between the 
 and the update: whether any row of any rank trains (an iteration with nothing to train runs
 no forward or backward pass). `trainer.global_step` counts GRPO iterations.
 
-Departures from the Flow-GRPO reference code, on purpose: rewards are computed
-synchronously (no thread pool: CPU-sized), and the condition encoders are frozen (only the
-denoiser trains), so the encoding of step 1 is reused by the update.
+With `score_chunk`, the step samples and scores its conditions a chunk at a time, and with
+`overlap_scoring` the rewards of one chunk run in a background thread while the next chunk
+samples (`lit_grpo.modules.chunked_scoring`; within the step: never off-policy).
+
+Departures from the Flow-GRPO reference code, on purpose: rewards are computed in the
+training thread unless `overlap_scoring` (the reference always uses a thread pool), and the
+condition encoders are frozen (only the denoiser trains), so the encoding of step 1 is
+reused by the update.
 """
 
 from dataclasses import replace
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules import training_state
+from lit_grpo.modules.chunked_scoring import sample_and_score
 from lit_grpo.modules.evaluation import evaluate_grpo_edits
 from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.regions import Regions
@@ -79,6 +85,11 @@ class GRPOModule(PolicyStage):
         sharding: FSDP2 settings, under `ModelParallelStrategy` only (docs/scaling.md).
         micro_batch_size: the most rollouts one forward (and backward) pass sees, in
             sampling and in the update (None: all); rollouts and gradients do not change.
+        score_chunk: sample and score this many conditions (x G rollouts) at a time (None:
+            all at once); the rollouts change (the noise is drawn chunk after chunk).
+        overlap_scoring: score each chunk in a background thread while the next one
+            samples (needs `score_chunk`); rollouts, losses and gradients do not change.
+            Gains only with rewards that release the GIL (`RemoteReward`, GPU rewards).
     """
 
     full_finetune = "denoiser"
@@ -110,6 +121,8 @@ class GRPOModule(PolicyStage):
         metrics: EditMetrics | None = None,
         sharding: ShardingSettings | None = None,
         micro_batch_size: int | None = None,
+        score_chunk: int | None = None,
+        overlap_scoring: bool = False,
     ):
         if not rewards:
             raise ValueError("GRPO needs at least one reward")
@@ -119,6 +132,13 @@ class GRPOModule(PolicyStage):
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         if isinstance(strategy, EarlyExit):
             strategy.check_schedule(sample_steps)
+        if score_chunk is not None and score_chunk < 1:
+            raise ValueError(f"score_chunk must be >= 1 (or None), got {score_chunk}")
+        if overlap_scoring and score_chunk is None:
+            raise ValueError(
+                "overlap_scoring needs score_chunk: the conditions sampled while the previous "
+                "ones are scored (e.g. model.init_args.score_chunk: 1)"
+            )
         objective = objective or FlowGRPO()
         if lora is None and objective.kl_beta > 0:
             raise ValueError(
@@ -220,10 +240,9 @@ class GRPOModule(PolicyStage):
             self._memory_checked = True
             check_first_rollouts(self, batch)
         clock = PhaseClock(self.device)
-        with clock.phase(self._trainer, "sampling"):
-            record = self.sample(batch)
+        chunk, overlap = self.hparams.score_chunk, self.hparams.overlap_scoring
+        record, scores = sample_and_score(self, batch, chunk, overlap, clock, self._trainer)
         with clock.phase(self._trainer, "rewards"):
-            scores = self.score(record, batch)
             adv, targets = self.advantages(scores, record)
         # the one value a step reads back before it logs, with no phase running: whether
         # any row of any rank trains (identical on every rank: computed on gathered data).

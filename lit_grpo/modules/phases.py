@@ -22,11 +22,12 @@ import torch
 
 class PhaseClock:
     """Seconds per phase: CUDA events on a CUDA device (read by `seconds`, once the step is
-    over), `time.perf_counter` elsewhere."""
+    over), `time.perf_counter` elsewhere. A phase run several times in a step (sampling and
+    rewards, chunk after chunk, with `score_chunk`) counts the sum of its runs."""
 
     def __init__(self, device: torch.device):
         self.cuda = torch.device(device).type == "cuda"
-        self.marks: dict[str, tuple] = {}
+        self.marks: dict[str, list[list]] = {}  # phase -> [begin, end] of each run
 
     def _now(self):
         if not self.cuda:
@@ -36,10 +37,10 @@ class PhaseClock:
         return event
 
     def start(self, phase: str) -> None:
-        self.marks[phase] = (self._now(), None)
+        self.marks.setdefault(phase, []).append([self._now(), None])
 
     def stop(self, phase: str) -> None:
-        self.marks[phase] = (self.marks[phase][0], self._now())
+        self.marks[phase][-1][1] = self._now()
 
     @contextmanager
     def phase(self, trainer, phase: str) -> Iterator[None]:
@@ -52,14 +53,15 @@ class PhaseClock:
     def seconds(self) -> dict[str, float]:
         """Every stopped phase's duration; on a GPU this waits for the last one to finish."""
         out = {}
-        for phase, (begin, end) in self.marks.items():
-            if end is None:
+        for phase, runs in self.marks.items():
+            stopped = [(begin, end) for begin, end in runs if end is not None]
+            if not stopped:
                 continue
             if self.cuda:
-                end.synchronize()
-                out[phase] = begin.elapsed_time(end) / 1000.0
+                stopped[-1][1].synchronize()
+                out[phase] = sum(b.elapsed_time(e) for b, e in stopped) / 1000.0
             else:
-                out[phase] = end - begin
+                out[phase] = sum(e - b for b, e in stopped)
         return out
 
 

@@ -33,6 +33,28 @@ class Scores:
     parts: dict[str, Tensor]
     regions: dict[str, RewardOutput]
 
+    @classmethod
+    def cat(cls, chunks: list["Scores"]) -> "Scores":
+        """The scores of consecutive chunks of rollouts, as one (rows in order). A part or
+        region reward a chunk lacks (a `RemoteReward` batch without scores returns only
+        `remote_failures`) is NaN on its rows, its masks uniform, as a failed batch's are."""
+        if len(chunks) == 1:
+            return chunks[0]
+        sizes = [c.total.shape[0] for c in chunks]
+        parts = _cat_named([c.parts for c in chunks], sizes)
+        regions = {}
+        for key in dict.fromkeys(k for c in chunks for k in c.regions):
+            like = next(c.regions[key] for c in chunks if key in c.regions)
+            outs = [c.regions.get(key) or _no_regions(like, n) for c, n in zip(chunks, sizes)]
+            regions[key] = RewardOutput(
+                torch.cat([o.scores for o in outs]),
+                _cat_named([o.extras for o in outs], sizes),
+                regions=torch.cat([o.regions for o in outs]),
+                region_names=like.region_names,
+                region_masks=torch.cat([o.region_masks for o in outs]),
+            )
+        return cls(torch.cat([c.total for c in chunks]), parts, regions)
+
 
 class Scorer(nn.Module):
     """The rewards and the segmenter they share (frozen judges)."""
@@ -119,6 +141,30 @@ class Scorer(nn.Module):
 
     def forward(self, images: Tensor, batch: dict, repeats: int = 1) -> Scores:
         return self.judge(self.observe(images, batch, repeats))
+
+
+def _cat_named(chunks: list[dict[str, Tensor]], sizes: list[int]) -> dict[str, Tensor]:
+    """Named [n_i] values of consecutive chunks joined; NaN where a chunk lacks a name."""
+    out = {}
+    for key in dict.fromkeys(k for c in chunks for k in c):
+        like = next(c[key] for c in chunks if key in c)
+        out[key] = torch.cat(
+            [
+                c[key] if key in c else like.new_full((n,), float("nan"))
+                for c, n in zip(chunks, sizes)
+            ]
+        )
+    return out
+
+
+def _no_regions(like: RewardOutput, n: int) -> RewardOutput:
+    """n rows of a region reward that did not score them: NaN, uniform masks."""
+    r, masks = like.regions.shape[1], like.region_masks
+    return RewardOutput(
+        like.scores.new_full((n,), float("nan")),
+        regions=like.regions.new_full((n, r), float("nan")),
+        region_masks=masks.new_full((n, *masks.shape[1:]), 1 / max(r, 1)),
+    )
 
 
 def log_keys(rewards: list) -> list[str]:

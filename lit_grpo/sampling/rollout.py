@@ -24,7 +24,7 @@ on a tensor): the GPU's queue is never drained inside a rollout. The plan is che
 against the schedule in Python before the loop instead.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,6 +74,31 @@ class RolloutRecord:
 
     def __len__(self) -> int:
         return self.states.shape[0]
+
+    @classmethod
+    def cat(cls, records: list["RolloutRecord"]) -> "RolloutRecord":
+        """The records of consecutive chunks of conditions, as one record (rows in order);
+        they share the plan, the schedule and the group size."""
+        if len(records) == 1:
+            return records[0]
+
+        def rows(values):  # [n_i, ...] tensors (or all None) -> [sum n_i, ...]
+            return None if values[0] is None else torch.cat(values)
+
+        first, shared = records[0], ("train_steps", "sigmas", "sigma_next", "sigma_max")
+        joined = {
+            f.name: rows([getattr(r, f.name) for r in records])
+            for f in fields(cls)
+            if f.name not in ("condition", "group_size", *shared)
+        }
+        condition = replace(
+            first.condition,
+            **{
+                f.name: rows([getattr(r.condition, f.name) for r in records])
+                for f in fields(first.condition)
+            },
+        )
+        return replace(first, condition=condition, **joined)
 
     @property
     def num_trained_steps(self) -> int:
