@@ -279,7 +279,7 @@ def test_a_missing_jsonl_file_and_a_huge_resolution_are_one_line(in_tmp, capsys)
         f"lit_grpo fit: error: data.init_args.train: jsonl file not found: {in_tmp / 'no.jsonl'}"
     )
     assert error_of(capsys, "fit", "--config", GRPO, "--data.init_args.resolution=4096") == (
-        "lit_grpo fit: error: ShapeWorld: resolution must be within 16..2048 px, got 4096 "
+        "lit_grpo fit: error: ShapeWorldDataModule: resolution must be within 16..2048 px, got 4096 "
         "(lit_grpo.datamodules.shapeworld.MAX_RESOLUTION: no supported backbone edits above it)"
     )
     huge = "--data.init_args.resolution=[64, 4096]"

@@ -14,6 +14,7 @@ where every op finishes before the next starts, it reads the wall clock.
 """
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -65,10 +66,16 @@ class PhaseClock:
         return out
 
 
+_ANNOUNCED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # trainer -> phase
+
+
 def announce_phase(trainer, phase: str) -> None:
-    """Tell every callback of `trainer` with a `set_phase` method that `phase` starts."""
-    if trainer is None:
+    """Tell every callback of `trainer` with a `set_phase` method that `phase` starts; a
+    phase already running is not announced again (the rewards of chunk after chunk, then
+    their gathering and the advantages, are one "rewards" phase to a callback)."""
+    if trainer is None or _ANNOUNCED.get(trainer) == phase:
         return
+    _ANNOUNCED[trainer] = phase
     for callback in trainer.callbacks:
         set_phase = getattr(callback, "set_phase", None)
         if callable(set_phase):
