@@ -49,9 +49,9 @@ def main(argv=None) -> int:
 
     from lit_grpo.datamodules.shapeworld import ShapeWorld
     from lit_grpo.perception import ColourSegmenter
-    from lit_grpo.perception.geometry import achieved_rotation, shape_iou, wrap_degrees
+    from lit_grpo.perception.geometry import wrap_degrees
     from lit_grpo.policies.weights import load_policy
-    from lit_grpo.rewards.spatial import RotationReward, talk2move_rotation_score
+    from lit_grpo.rewards import EditSpec, RewardInputs, RotationReward
     from lit_grpo.sampling.rollout import RolloutSampler
     from lit_grpo.sampling.strategies import EarlyExit, FullTrajectory
 
@@ -64,7 +64,10 @@ def main(argv=None) -> int:
     phrases = [o for o in batch["object"] for _ in range(g)]
     source = seg(batch["source"], batch["object"]).repeat_interleave(g)
     before = source.angle
-    min_iou = RotationReward().min_shape_iou
+    rotation = RotationReward()
+    spec = EditSpec.from_batch(batch).repeat_interleave(g)
+    sources = batch["source"].repeat_interleave(g, 0)
+    instructions = [t for t in batch["instruction"] for _ in range(g)]
     instructed = batch["angle"].repeat_interleave(g)
     print(f"{args.n} held-out rotate conditions x G={g}, weights {args.weights}")
     head = (
@@ -86,15 +89,15 @@ def main(argv=None) -> int:
             src, instr = batch["source"][i : i + 16], batch["instruction"][i : i + 16]
             images.append(sampler(policy, src, instr, g, plan, gen).images)
         secs = time.perf_counter() - start
-        after = seg(torch.cat(images), phrases)
+        images = torch.cat(images)
+        after = seg(images, phrases)
         achieved = wrap_degrees(after.angle - before)  # NaN where not found
         error = wrap_degrees(achieved - instructed).abs()
         success = (error <= 20).float().view(-1, g)
-        iou = shape_iou(source, after, achieved_rotation(source, after))
-        shaped = (iou >= min_iou).float().view(-1, g)
+        paid = rotation(RewardInputs(images, sources, instructions, spec, source, after))
+        shaped = (paid.extras["shape_iou"] >= rotation.min_shape_iou).float().view(-1, g)
         real = success * shaped
-        reward = talk2move_rotation_score(achieved, instructed).view(-1, g)
-        reward = torch.nan_to_num(reward * shaped, nan=0.0)  # what RotationReward pays
+        reward = paid.scores.view(-1, g)
         print(
             f"{float(noise):>5.1f} {k:>5} {after.found.float().mean():6.3f} "
             f"{(achieved.abs() <= 20).float().mean():7.3f} {success.mean():8.3f} "

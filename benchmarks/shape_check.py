@@ -55,9 +55,13 @@ def main(argv=None) -> int:
         q = torch.nanquantile(iou, torch.tensor([0.05, 0.25, 0.5, 0.75])).tolist()
         rule = torch.nan_to_num(talk2move_rotation_score(turn, batch["angle"]), nan=0.0)
         inputs = RewardInputs(
-            images, batch["source"], batch["instruction"], EditSpec.from_batch(batch),
-            before, after,
-        )  # fmt: skip
+            images,
+            batch["source"],
+            batch["instruction"],
+            EditSpec.from_batch(batch),
+            before,
+            after,
+        )
         paid = reward(inputs).scores
         acc = (geo.rotation_error(before, after, batch["angle"]) <= 20).float()
         quantiles = " / ".join(f"{v:.2f}" for v in q)
@@ -77,11 +81,12 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(0)
         edits = torch.cat(
             [
-                policy.edit(batch["source"][i : i + 64], batch["instruction"][i : i + 64], 10,
-                            generator=gen)
+                policy.edit(
+                    batch["source"][i : i + 64], batch["instruction"][i : i + 64], 10, generator=gen
+                )
                 for i in range(0, args.n, 64)
             ]
-        )  # fmt: skip
+        )
         row(f"{weights[-32:]} (ODE)", edits)
     return 0
 
