@@ -51,8 +51,6 @@ def main(argv=None) -> int:
     def row(name: str, images: torch.Tensor) -> None:
         after = seg(images, batch["object"])
         turn = geo.achieved_rotation(before, after)
-        iou = geo.shape_iou(before, after, turn)
-        q = torch.nanquantile(iou, torch.tensor([0.05, 0.25, 0.5, 0.75])).tolist()
         rule = torch.nan_to_num(talk2move_rotation_score(turn, batch["angle"]), nan=0.0)
         inputs = RewardInputs(
             images,
@@ -62,7 +60,9 @@ def main(argv=None) -> int:
             before,
             after,
         )
-        paid = reward(inputs).scores
+        out = reward(inputs)
+        paid, iou = out.scores, out.extras["shape_iou"]
+        q = torch.nanquantile(iou, torch.tensor([0.05, 0.25, 0.5, 0.75])).tolist()
         acc = (geo.rotation_error(before, after, batch["angle"]) <= 20).float()
         quantiles = " / ".join(f"{v:.2f}" for v in q)
         print(
