@@ -248,7 +248,7 @@ class GRPOModule(PolicyStage):
         # any row of any rank trains (identical on every rank: computed on gathered data).
         # With nothing to train the update's forward and backward passes would all be
         # masked: they do not run, and neither the optimiser nor the LR schedule steps
-        announce_phase(self._trainer, "idle")
+        clock.announce(self._trainer, "idle")
         skipped = not bool(adv.valid.any())
         if skipped:
             zero = torch.zeros((), device=self.device)
@@ -258,7 +258,7 @@ class GRPOModule(PolicyStage):
                 stats = self.update(
                     self, self.objective, self.sampler, record, targets, self.generator
                 )
-            announce_phase(self._trainer, "idle")
+            clock.announce(self._trainer, "idle")
         self._log_step(batch, scores, adv, stats, clock, skipped)
         self.iteration += 1
         training_state.count_iteration(self._trainer)

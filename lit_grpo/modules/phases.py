@@ -14,7 +14,6 @@ where every op finishes before the next starts, it reads the wall clock.
 """
 
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,6 +28,7 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.cuda = torch.device(device).type == "cuda"
         self.marks: dict[str, list[list]] = {}  # phase -> [begin, end] of each run
+        self.announced: str | None = None  # the phase the callbacks were last told of
 
     def _now(self):
         if not self.cuda:
@@ -43,10 +43,17 @@ class PhaseClock:
     def stop(self, phase: str) -> None:
         self.marks[phase][-1][1] = self._now()
 
+    def announce(self, trainer, phase: str) -> None:
+        """`announce_phase`, unless `phase` is the one running: the rewards of chunk after
+        chunk, their gathering and the advantages are one "rewards" phase to a callback."""
+        if phase != self.announced:
+            announce_phase(trainer, phase)
+            self.announced = phase
+
     @contextmanager
     def phase(self, trainer, phase: str) -> Iterator[None]:
-        """Announce `phase` to the callbacks (`announce_phase`) and time it."""
-        announce_phase(trainer, phase)
+        """Announce `phase` to the callbacks (`announce`) and time it."""
+        self.announce(trainer, phase)
         self.start(phase)
         yield
         self.stop(phase)
@@ -66,16 +73,10 @@ class PhaseClock:
         return out
 
 
-_ANNOUNCED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # trainer -> phase
-
-
 def announce_phase(trainer, phase: str) -> None:
-    """Tell every callback of `trainer` with a `set_phase` method that `phase` starts; a
-    phase already running is not announced again (the rewards of chunk after chunk, then
-    their gathering and the advantages, are one "rewards" phase to a callback)."""
-    if trainer is None or _ANNOUNCED.get(trainer) == phase:
+    """Tell every callback of `trainer` with a `set_phase` method that `phase` starts."""
+    if trainer is None:
         return
-    _ANNOUNCED[trainer] = phase
     for callback in trainer.callbacks:
         set_phase = getattr(callback, "set_phase", None)
         if callable(set_phase):
