@@ -110,10 +110,7 @@ def clipped_policy_loss(
             + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
             + "; expand per-rollout values to per-token ones explicitly"
         )
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    per_item = torch.maximum(unclipped, clipped)
+    per_item, ratio = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
     w = torch.ones_like(per_item) if weights is None else weights.to(per_item)
     total = w.sum().clamp_min(1e-8)
     norm = total if denominator is None else torch.as_tensor(denominator).to(total).clamp_min(1e-8)
@@ -125,6 +122,16 @@ def clipped_policy_loss(
             approx_kl=(0.5 * (log_prob - old_log_prob) ** 2 * w).sum() / total,
         )
     return loss, stats
+
+
+def clipped_surrogate(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor]:
+    """Per item (any one shape): max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e)), and the
+    ratio exp(log_prob - old_log_prob)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
 
 
 def kl_to_reference(mean: Tensor, ref_mean: Tensor, diffusion: Tensor) -> Tensor:

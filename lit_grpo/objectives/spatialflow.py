@@ -43,7 +43,12 @@ from lit_grpo.objectives.base import (
     Ranks,
     gathered_advantages,
 )
-from lit_grpo.objectives.flow_grpo import FlowGRPO, PolicyLossStats, kl_elements
+from lit_grpo.objectives.flow_grpo import (
+    FlowGRPO,
+    PolicyLossStats,
+    clipped_surrogate,
+    kl_elements,
+)
 from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.sde import SDEStep
 
@@ -111,10 +116,7 @@ def _clipped_terms(
             f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
             f"advantages {tuple(advantages.shape)} must have one shape"
         )
-    ratio = torch.exp(log_prob - old_log_prob)
-    per_item = torch.maximum(
-        -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    )
+    per_item, ratio = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
     with torch.no_grad():
         stats = PolicyLossStats(
             ratio_mean=ratio.mean(),
