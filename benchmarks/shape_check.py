@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from lit_grpo.perception import ColourSegmenter
     from lit_grpo.perception import geometry as geo
     from lit_grpo.policies.weights import load_policy
-    from lit_grpo.rewards import EditSpec, RewardInputs, RotationReward
+    from lit_grpo.rewards import RotationReward, Scorer
     from lit_grpo.rewards.spatial import talk2move_rotation_score
 
     torch.set_grad_enabled(False)
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     seg = ColourSegmenter()
     before = seg(batch["source"], batch["object"])
     reward = RotationReward()
+    scorer = Scorer([reward], seg)
     head = (
         f"{'images':34} {'found':>5} {'read':>5} {'IoU q05 / q25 / q50 / q75':>26} "
         f"{'>=' + str(reward.min_shape_iou):>6} {'rule':>6} {'reward':>6} {'acc.':>5}"
@@ -49,17 +50,10 @@ def main(argv=None) -> int:
     print("-" * len(head))
 
     def row(name: str, images: torch.Tensor) -> None:
-        after = seg(images, batch["object"])
+        inputs = scorer.observe(images, batch, before=before)  # what the reward sees
+        after = inputs.after
         turn = geo.achieved_rotation(before, after)
         rule = torch.nan_to_num(talk2move_rotation_score(turn, batch["angle"]), nan=0.0)
-        inputs = RewardInputs(
-            images,
-            batch["source"],
-            batch["instruction"],
-            EditSpec.from_batch(batch),
-            before,
-            after,
-        )
         out = reward(inputs)
         paid, iou = out.scores, out.extras["shape_iou"]
         q = torch.nanquantile(iou, torch.tensor([0.05, 0.25, 0.5, 0.75])).tolist()

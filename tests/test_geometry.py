@@ -249,21 +249,14 @@ def test_rotation_reward_on_shapeworld_edits_copies_and_blurs():
     smear whose heading reads right but whose shape is gone scores 0 (the shape check)."""
     from lit_grpo.datamodules.shapeworld import ShapeWorld
     from lit_grpo.perception import ColourSegmenter
-    from lit_grpo.rewards import EditSpec, RotationReward
+    from lit_grpo.rewards import RotationReward, Scorer
 
     data = ShapeWorld("test", 16, 32, ("rotate",))
     batch = torch.utils.data.default_collate([data[i] for i in range(16)])
-    seg = ColourSegmenter()
+    scorer = Scorer([RotationReward()], ColourSegmenter())
 
     def inputs(images):
-        return RewardInputs(
-            images,
-            batch["source"],
-            batch["instruction"],
-            EditSpec.from_batch(batch),
-            seg(batch["source"], batch["object"]),
-            seg(images, batch["object"]),
-        )
+        return scorer.observe(images, batch)  # what a reward sees: no ground truth
 
     exact = RotationReward()(inputs(batch["target"]))
     assert exact.scores.min() > 0.95
