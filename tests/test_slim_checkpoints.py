@@ -149,7 +149,7 @@ def test_a_moved_folder_is_named_and_can_be_passed_again(trained, tmp_path, caps
 
 def test_the_cli_compares_the_policy_not_where_its_folder_is():
     from lit_grpo.checks import ConfigError
-    from lit_grpo.cli import _check_policy_architecture
+    from lit_grpo.ckpt_path import _check_policy_architecture
 
     entry = {"class": "FluxKontextPolicy", "config": {"pretrained": "/a", "dtype": "float32"}}
 
