@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as tvf
 
 from lit_grpo.perception.frozen import Frozen
 
@@ -44,6 +42,10 @@ class OpenCLIP(Frozen):
     def preprocess(self, images: Tensor) -> Tensor:
         """open_clip's eval transform on tensors [N, 3, H, W] in [0, 1]: shortest side to
         size (bicubic), centre crop, normalise."""
+        # torchvision lazily: importing it costs a second to every `import lit_grpo.rewards`
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as tvf
+
         images = tvf.resize(
             images.float(), min(self.size), InterpolationMode.BICUBIC, antialias=True
         ).clamp(0.0, 1.0)  # bicubic overshoots
