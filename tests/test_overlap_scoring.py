@@ -199,9 +199,11 @@ def test_chunks_split_conditions_and_scores_join_in_order():
     assert torch.equal(joined.parts["remote_failures"], torch.tensor([0.0, 0, 1, 1, 1]))
     assert joined.parts["t"][:2].tolist() == [1, 1] and joined.parts["t"][2:].isnan().all()
     region = RewardOutput(
-        torch.ones(2), regions=torch.ones(2, 2), region_names=("a", "b"),
+        torch.ones(2),
+        regions=torch.ones(2, 2),
+        region_names=("a", "b"),
         region_masks=torch.full((2, 2, 4, 4), 0.5),
-    )  # fmt: skip
+    )
     with_regions = Scores.cat([Scores(torch.ones(2), {}, {"r": region}), failed])
     out = with_regions.regions["r"]
     assert out.regions.shape == (5, 2) and out.regions[2:].isnan().all()
