@@ -349,7 +349,7 @@ def test_a_slow_judge_times_out_in_bounded_time_and_429_is_retried(caplog):
             scores = judge_all(reward, images, batch, group)
         waited = time.perf_counter() - start
     assert torch.isnan(scores.total).all()
-    assert 0.6 <= waited < 2.0  # 2 tries of 0.3 s and a 0.05 s back-off, the rows in parallel
+    assert 0.6 <= waited < 3.0  # 2 tries of 0.3 s and a 0.05 s back-off, the rows in parallel
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning == (
         f"VLMJudgeReward: no score from {url} for 4 of 4 rollouts (rollout 0: no answer within "

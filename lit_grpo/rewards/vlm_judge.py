@@ -195,6 +195,10 @@ class VLMJudgeReward(Reward):
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         n, device = inputs.images.shape[0], inputs.images.device
+        if n == 0:
+            empty = inputs.images.new_zeros(0)
+            keys = ("judge_failures", "judge_from_logprobs", "judge_digit_mass")
+            return RewardOutput(empty, dict.fromkeys(keys, empty))
         bodies = self._requests(inputs)
         verdicts: list[Verdict | None] = [None] * n
         with ThreadPoolExecutor(min(self.workers, n), thread_name_prefix="vlm_judge") as pool:
@@ -212,19 +216,18 @@ class VLMJudgeReward(Reward):
             self.failures_in_a_row = 0
             self.scored += 1
         if failed:
-            first = failed[0]
+            streak = (
+                f" ({self.failures_in_a_row} of max_failures={self.max_failures} batches in a row)"
+            )
             log.warning(
                 "VLMJudgeReward: no score from %s for %d of %d rollouts (rollout %d: %s): "
                 "they count as NaN%s",
                 self.url,
                 len(failed),
                 n,
-                first,
-                verdicts[first].cause,
-                ""
-                if len(failed) < n
-                else f" ({self.failures_in_a_row} of max_failures={self.max_failures} "
-                "batches in a row)",
+                failed[0],
+                verdicts[failed[0]].cause,
+                streak if len(failed) == n else "",
             )
 
         def column(values: list[float]) -> torch.Tensor:  # [N]
