@@ -3,7 +3,9 @@ RC-GRPO's attention concentration reward (`attention.py`), SpatialFlow-GRPO's re
 (`regions.py`), and InstructRL4Pix's attention-map and CLIP rewards (`attention_distance.py`,
 `clip_reward.py`; open_clip is imported only when a `CLIPReward` is built), and
 `RemoteReward` (`remote.py`), the rewards of a `serve-rewards` server (`server.py`, over the
-wire format of `wire.py`)."""
+wire format of `wire.py`), and `VLMJudgeReward` (`vlm_judge.py`), a vision-language model
+behind an OpenAI-compatible chat endpoint judging each edit (its answers read by
+`judge_answers.py`)."""
 
 from lit_grpo.rewards.attention import AttentionConcentrationReward
 from lit_grpo.rewards.attention_distance import AttentionMapReward
@@ -18,6 +20,7 @@ from lit_grpo.rewards.spatial import (
     ScaleReward,
     TranslationReward,
 )
+from lit_grpo.rewards.vlm_judge import VLMJudgeReward
 
 __all__ = [
     "AttentionConcentrationReward",
@@ -35,4 +38,5 @@ __all__ = [
     "Scorer",
     "Scores",
     "TranslationReward",
+    "VLMJudgeReward",
 ]

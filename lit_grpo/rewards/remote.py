@@ -8,8 +8,9 @@ reward's [N, R] scores and masks as its regions (so it stands in for a `RegionRe
 With float32 pixels (the default) the scores are bit for bit those of the same rewards run
 in the trainer.
 
-When the server does not answer (down, slower than `timeout`, a 5xx, a reply that does not
-decode), the request is tried `retries` more times, `backoff` seconds apart, doubling. Then:
+When the server does not answer (down, slower than `timeout`, a 5xx, 408 or 429), the
+request is tried `retries` more times, `backoff` seconds apart, doubling (`post`, which
+`VLMJudgeReward` shares). Then, and at once for a reply that does not decode:
 
 - the batch's rollouts get NaN scores (the GRPO stage drops NaN rows and counts them in
   `reward/nonfinite_fraction`), a warning names the URL and the cause, and the extra
@@ -40,12 +41,59 @@ from lit_grpo.rewards.base import Reward, RewardFailed, RewardInputs, RewardOutp
 log = logging.getLogger(__name__)
 
 
-class _NoAnswer(Exception):
+class NoAnswer(Exception):
     """The server gave no usable answer this time (may pass)."""
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """The server answered that it will not score this request (will not pass)."""
+
+
+# a server too busy (429) or a proxy that gave up waiting (408) may answer next time
+RETRY_STATUS = (408, 429)
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    retries: int,
+    backoff: float,
+    what: str = "the batch",
+) -> bytes:
+    """The reply body of POST `url`, tried 1 + `retries` times, `backoff` seconds before the
+    first retry, doubling. `NoAnswer` naming the last cause when no try got a reply (down,
+    slower than `timeout` for a connect or a read, a 5xx, 408 or 429, a connection cut);
+    `Refused` with the server's one line on any other 4xx (retrying cannot mend it)."""
+    # no proxy: a reward server is reached directly (a proxy from the environment would
+    # send even 127.0.0.1 through it)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    cause = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            said = _error_line(err)
+            if 400 <= err.code < 500 and err.code not in RETRY_STATUS:
+                refused = f"the server refused {what} (HTTP {err.code}): {said}"
+                raise Refused(refused) from None
+            cause = f"HTTP {err.code}: {said}"
+        except TimeoutError:
+            cause = f"no answer within timeout={timeout:g} s"
+        except urllib.error.URLError as err:
+            reason = err.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                cause = f"no answer within timeout={timeout:g} s"
+            else:
+                cause = f"cannot connect ({reason})"
+        except (HTTPException, OSError) as err:  # a connection cut mid-reply
+            cause = f"the connection broke ({type(err).__name__}: {err})"
+    raise NoAnswer(f"{cause}; {retries + 1} tries")
 
 
 class RemoteReward(Reward):
@@ -105,9 +153,9 @@ class RemoteReward(Reward):
             reply = self._post(body)
             self._check_versions(reply)
             scores = decode_scores(reply, n)
-        except _Refused as err:
+        except Refused as err:
             raise RewardFailed(f"RemoteReward {self.url}: {err}") from None
-        except (_NoAnswer, ValueError) as err:  # ValueError: a WireError, a garbled reply
+        except (NoAnswer, ValueError) as err:  # ValueError: a WireError, a garbled reply
             return self._failed(inputs, str(err))
         self.failures_in_a_row = 0
         self.scored += 1
@@ -123,40 +171,15 @@ class RemoteReward(Reward):
         return out
 
     def _post(self, body: bytes) -> bytes:
-        """The reply body of POST /score, tried 1 + `retries` times; _Refused on a 4xx."""
-        # no proxy: a reward server is reached directly (a proxy from the environment would
-        # send even 127.0.0.1 through it)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        request = urllib.request.Request(
+        """The reply body of POST /score (see `post`)."""
+        return post(
             f"{self.url}/score",
-            data=body,
-            headers={"Content-Type": "application/octet-stream"},
-            method="POST",
+            body,
+            {"Content-Type": "application/octet-stream"},
+            self.timeout,
+            self.retries,
+            self.backoff,
         )
-        cause = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                with opener.open(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as err:
-                said = _error_line(err)
-                if 400 <= err.code < 500:
-                    refused = f"the server refused the batch (HTTP {err.code}): {said}"
-                    raise _Refused(refused) from None
-                cause = f"HTTP {err.code}: {said}"
-            except TimeoutError:
-                cause = f"no answer within timeout={self.timeout:g} s"
-            except urllib.error.URLError as err:
-                reason = err.reason
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    cause = f"no answer within timeout={self.timeout:g} s"
-                else:
-                    cause = f"cannot connect ({reason})"
-            except (HTTPException, OSError) as err:  # a connection cut mid-reply
-                cause = f"the connection broke ({type(err).__name__}: {err})"
-        raise _NoAnswer(f"{cause}; {self.retries + 1} tries")
 
     def _check_versions(self, reply: bytes) -> None:
         from lit_grpo.rewards.wire import WireError, body_versions, version_mismatch, versions
@@ -167,7 +190,7 @@ class RemoteReward(Reward):
             return  # decode_scores says what is wrong with it
         mismatch = version_mismatch(versions(), theirs)
         if mismatch:
-            raise _Refused(mismatch)
+            raise Refused(mismatch)
 
     def _failed(self, inputs: RewardInputs, cause: str) -> RewardOutput:
         """NaN scores for the batch, counted; a `RewardFailed` when it is one too many."""
@@ -212,13 +235,19 @@ class RemoteReward(Reward):
 
 
 def _error_line(err: urllib.error.HTTPError) -> str:
-    """The server's one-line {"error": ...}, else the start of what it sent."""
+    """The server's message: serve-rewards' {"error": line}, OpenAI's {"error": {"message":
+    line}}, vLLM's {"message": line}, FastAPI's {"detail": line}; else the start of what it
+    sent."""
     try:
         raw = err.read()
     except Exception:
         raw = b""
     try:
-        return str(json.loads(raw)["error"])
-    except (ValueError, KeyError, TypeError):
+        said = json.loads(raw)
+        said = said.get("error") or said.get("message") or said["detail"]
+        if isinstance(said, dict):
+            said = said["message"]
+        return str(said).strip().splitlines()[0]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         text = raw.decode("utf-8", "replace").strip().splitlines()
         return (text[0][:200] if text else err.reason) or "no message"
