@@ -31,19 +31,18 @@ proportion to that part. Why not the alternatives:
   when it touches it) needs a threshold and a tie rule, drops a region's thin parts (a
   region under half of every token it touches gets no token) or hands a region's pixels to
   another's advantage, and changes the loss when a mask moves by a pixel.
-With 0/1 covers (every token inside one region) the two rules agree. `token_credit` gives
-the push each token gets at ratio 1.
+With 0/1 covers (every token inside one region) this rule and the earlier one agree.
+`token_credit` gives the push each token gets at ratio 1.
 
 Where we depart from the paper, on purpose: its region scores come from a trained reward
 model (SFReward); ours from the segmenter's masks (exact on ShapeWorld). The paper summary
 does not say what tokens outside every region get (ours: the regions partition the image;
 a token no region covers gets no loss) nor how region weights are set (ours: named weights
 in the config, equal by default; the names are checked against the region reward's at
-construction). A row takes part in the
-update when its total reward is finite and at least one region the loss weighs (weight > 0)
-has spread in its group; a region with no spread in a group gets advantage 0 there. A group
-with no spread in any weighed region is counted as zero-spread
-(`groups/zero_spread_fraction`) and skipped, KL term included: a segmenter that finds
+construction). A row takes part in the update when its total reward is finite and at least
+one region the loss weighs (weight > 0) has spread in its group; a region with no spread in
+a group gets advantage 0 there. A group with no spread in any weighed region is counted as
+zero-spread (`groups/zero_spread_fraction`) and skipped, KL term included: a segmenter that finds
 nothing leaves the edit region empty and its score flat, and such a batch shows as skipped,
 not as a step with a loss of exactly 0 (and enough of them in a row stop the run).
 `kl_beta` > 0 adds Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the
