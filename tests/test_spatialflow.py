@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch import Tensor
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import SpatialFlowGRPOModule
 from lit_grpo.objectives import LossInputs
 from lit_grpo.objectives.flow_grpo import kl_to_reference
-from lit_grpo.objectives.spatialflow import region_mean, region_weighted_loss, token_advantages
+from lit_grpo.objectives.spatialflow import region_mean, region_weighted_loss, token_credit
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import RegionReward, Scorer, TranslationReward
@@ -18,30 +19,125 @@ def scenes(n=8):
     return torch.utils.data.default_collate([data[i] for i in range(n)])
 
 
-def test_token_advantages_by_hand():
-    adv = torch.tensor([[1.0, -2.0]])  # two regions
-    cover = torch.tensor([[[1.0, 0.5, 0.0, 0.0], [0.0, 0.5, 1.0, 0.0]]])  # 4 tokens
-    out = token_advantages(adv, cover)
-    assert torch.equal(out, torch.tensor([[1.0, -0.5, -2.0, 0.0]]))  # last token: no region
-    with pytest.raises(ValueError, match="do not match"):
-        token_advantages(torch.zeros(1, 3), cover)
-
-
 def test_region_weighted_loss_by_hand():
-    # at ratio 1 the per-token loss is -A; regions average their tokens, rows their regions
-    adv = torch.tensor([[1.0, 3.0, -2.0, 4.0]])
+    # at ratio 1 each region's term is -A_r on every token it covers
+    adv = torch.tensor([[-2.0, 1.0]])
     zero = torch.zeros(1, 4)
     cover = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
     loss, stats = region_weighted_loss(zero, zero, adv, cover, torch.tensor([1.0, 3.0]), 0.1)
-    # region means: -(1 + 3) / 2 = -2 and -(-2 + 4) / 2 = -1; weights 1 and 3: (-2 - 3) / 4
-    assert loss.item() == pytest.approx(-1.25)
+    # region means: 2 and -1; weights 1 and 3: (2 - 3) / 4
+    assert loss.item() == -0.25
     assert stats.ratio_mean.item() == 1.0
     # a region absent from a row does not dilute it
     absent = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
     loss, _ = region_weighted_loss(zero, zero, adv, absent, torch.tensor([1.0, 3.0]), 0.1)
-    assert loss.item() == pytest.approx(-1.5)
-    with pytest.raises(ValueError, match="one shape"):
-        region_weighted_loss(zero, zero, torch.zeros(4), cover, torch.ones(2), 0.1)
+    assert loss.item() == 2.0
+    with pytest.raises(ValueError, match="do not match cover"):
+        region_weighted_loss(zero, zero, torch.zeros(1, 3), cover, torch.ones(2), 0.1)
+    with pytest.raises(ValueError, match=r"must be \[N, T\]"):
+        region_weighted_loss(zero, torch.zeros(4), adv, cover, torch.ones(2), 0.1)
+
+
+def test_straddling_tokens_take_each_regions_own_advantage_by_hand():
+    # 3 tokens: edit covers [1, 1/2, 0], background [0, 1/2, 1]; ratios 1, 1.5, 0.5
+    cover = torch.tensor([[[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]])
+    adv = torch.tensor([[1.0, -2.0]])  # edit +1, background -2
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.0, 1.5, 0.5]])).requires_grad_()
+    loss, stats = region_weighted_loss(new, old, adv, cover, torch.tensor([1.0, 3.0]), 0.2)
+    # per term max(-A r, -A clamp(r, 0.8, 1.2)):
+    # edit (A = +1): token 0: -1; token 1: max(-1.5, -1.2) = -1.2 (clipped)
+    #   mean over its cover: (1 * -1 + 0.5 * -1.2) / 1.5 = -16 / 15
+    # background (A = -2): token 1: max(3, 2.4) = 3; token 2: max(1, 1.6) = 1.6 (clipped)
+    #   mean: (0.5 * 3 + 1 * 1.6) / 1.5 = 31 / 15
+    # weights 1 and 3: (-16 / 15 + 3 * 31 / 15) / 4 = 77 / 60
+    assert loss.item() == pytest.approx(77 / 60, rel=1e-6)
+    assert stats.clip_fraction.item() == pytest.approx(2 / 3)
+    # d/d log-prob: -A r * cover / size * w / W on the unclipped terms, 0 on the clipped ones:
+    # token 0: -1 * 1 / 1.5 / 4; token 1: background's 2 * 1.5 * 0.5 / 1.5 * 3 / 4; token 2: 0
+    (grad,) = torch.autograd.grad(loss, new)
+    assert torch.allclose(grad, torch.tensor([[-1 / 6, 0.75, 0.0]]), rtol=1e-6, atol=0)
+    # the background at weight 0: the edit's term alone, -16 / 15, and no background push
+    loss, _ = region_weighted_loss(new, old, adv, cover, torch.tensor([1.0, 0.0]), 0.2)
+    (grad,) = torch.autograd.grad(loss, new)
+    assert loss.item() == pytest.approx(-16 / 15, rel=1e-6)
+    assert torch.allclose(grad, torch.tensor([[-2 / 3, 0.0, 0.0]]), rtol=1e-6, atol=0)
+
+
+def test_token_credit_is_minus_the_loss_gradient_at_ratio_one():
+    cover = torch.tensor([[[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]], [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
+    adv = torch.tensor([[1.0, -2.0], [7.0, 0.5]])  # row 1 has no edit region
+    weights = torch.tensor([1.0, 3.0])
+    credit = token_credit(adv, cover, weights)
+    # row 0: edit 1/4 * cover / 1.5 * (+1), background 3/4 * cover / 1.5 * (-2)
+    # row 1: the background alone, 0.5 / 3 on each token
+    expected = torch.tensor([[1 / 6, 1 / 12 - 1 / 2, -1.0], [1 / 6, 1 / 6, 1 / 6]])
+    assert torch.allclose(credit, expected, rtol=1e-6, atol=1e-7)
+    log_prob = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = region_weighted_loss(log_prob, torch.zeros(2, 3), adv, cover, weights, 0.1, None, 1)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    assert torch.allclose(-grad, credit, rtol=1e-6, atol=1e-7)
+
+
+def edit_and_background(edit_px: tuple[slice, slice], size: int = 16) -> Tensor:
+    """The cover [1, 3, T] of an edit region at `edit_px`, no other objects, and the
+    background, on the tiny editor's 4x4-pixel tokens."""
+    edit = torch.zeros(1, size, size)
+    edit[(slice(None), *edit_px)] = 1
+    masks = torch.stack([edit, torch.zeros_like(edit), 1 - edit], 1)  # edit, others, bg
+    policy = TinyEditPolicy(width=32, depth=1, heads=2)
+    return torch.stack([policy.pixel_to_tokens(masks[:, r]) for r in range(3)], 1)
+
+
+ONLY_EDIT = torch.tensor([1.0, 0.0, 0.0])  # {edit: 1, others: 0, background: 0}
+
+
+@pytest.mark.parametrize(
+    "others, background",
+    [(0.0, 2.0), (-3.0, -2.0), (1e30, -1e30), (float("inf"), float("nan")), (-5.0, 5.0)],
+)
+def test_zero_weight_regions_leave_loss_and_gradient_bit_identical(others, background):
+    torch.manual_seed(0)
+    cover = torch.cat([edit_and_background((slice(2, 11), slice(2, 11))) for _ in range(3)])
+    cover[1] = edit_and_background((slice(5, 9), slice(1, 7)))[0]  # another edge layout
+    old = torch.randn(3, 16)
+    new = (old + 0.1 * torch.randn(3, 16)).requires_grad_()  # some ratios clip at 0.05
+    edit_adv = torch.tensor([1.0, -0.7, 2.0])
+
+    def loss_and_grad(others, background):
+        adv = torch.stack(
+            [edit_adv, torch.full((3,), others), torch.full((3,), background)], 1
+        )  # [3, 3]
+        loss, _ = region_weighted_loss(new, old, adv, cover, ONLY_EDIT, 0.05)
+        return loss, torch.autograd.grad(loss, new)[0]
+
+    loss, grad = loss_and_grad(0.0, 0.0)
+    assert loss.isfinite() and grad.abs().sum() > 0
+    other_loss, other_grad = loss_and_grad(others, background)
+    assert torch.equal(other_loss, loss) and torch.equal(other_grad, grad)
+    # where the edit region does not reach, no token is pushed
+    assert torch.equal(grad[cover[:, 0] == 0], torch.zeros(int((cover[:, 0] == 0).sum())))
+
+
+def test_issue_23_edit_region_no_longer_depends_on_the_background_advantage():
+    # a 9x9-pixel edit region: 9 tokens, 8 of them partly background, 80% of its cover
+    cover = edit_and_background((slice(2, 11), slice(2, 11)))
+    edit_cover = cover[0, 0]
+    partial = (edit_cover > 0) & (edit_cover < 1)
+    assert int((edit_cover > 0).sum()) == 9 and int(partial.sum()) == 8
+    assert (edit_cover[partial].sum() / edit_cover.sum()).item() == pytest.approx(65 / 81)
+    zero = torch.zeros(1, 16)
+    losses, grads = [], []
+    for background in (0.0, 2.0, -2.0):  # the blended rule gave -0.649, -1.351, +0.053
+        log_prob = zero.clone().requires_grad_()
+        adv = torch.tensor([[1.0, 0.0, background]])
+        loss, _ = region_weighted_loss(log_prob, zero, adv, cover, ONLY_EDIT, 0.1)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, log_prob)[0])
+    assert [loss.item() for loss in losses] == [-1.0, -1.0, -1.0]  # -A_edit at ratio 1
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    # every edge token is pushed up, in proportion to the edit's cover of it
+    assert torch.allclose(grads[0][0], -edit_cover / edit_cover.sum(), rtol=1e-6, atol=0)
 
 
 def test_region_reward_on_exact_edits_partitions_and_scores_regions():
@@ -64,7 +160,7 @@ def test_region_reward_on_exact_edits_partitions_and_scores_regions():
     assert torch.allclose(hurt[:, 2], background, atol=1e-3)
 
 
-def test_one_spatialflow_step_trains_the_lora_from_token_advantages():
+def test_spatialflow_targets_are_each_regions_group_advantages_and_cover():
     torch.manual_seed(0)
     policy = TinyEditPolicy(width=32, depth=1, heads=2)
     for p in policy.parameters():  # open adaLN-Zero's gates, as training would
@@ -82,18 +178,15 @@ def test_one_spatialflow_step_trains_the_lora_from_token_advantages():
     record = module.sample(batch, torch.Generator().manual_seed(0))
     scores = module.scorer(record.images, batch, 4)
     adv, targets = module.advantages(scores, record)
-    assert targets.tokens.shape == (8, 16) and targets.cover.shape == (8, 3, 16)
+    assert targets.regions.shape == (8, 3) and targets.cover.shape == (8, 3, 16)
     assert torch.allclose(targets.cover.sum(1), torch.ones(8, 16))  # regions cover every token
-    assert targets.tokens.abs().sum() > 0
-    # a token fully inside one region carries that region's group advantage
+    # each region's advantage is its scores normalised in their group (global std)
     region = scores.regions["regions"].regions
-    g = region[:4, 2]  # background scores of the first group
-    expected = (g - g.mean()) / (region[:, 2].std(unbiased=False) + 1e-4)
-    inside = targets.cover[:4, 2] == 1
-    row, tok = inside.nonzero()[0]
-    assert targets.tokens[row, tok].item() == pytest.approx(
-        expected[row].clamp(-5, 5).item(), rel=1e-4
-    )
+    for r in range(3):
+        g = region[:, r].view(2, 4)
+        expected = (g - g.mean(1, keepdim=True)) / (region[:, r].std(unbiased=False) + 1e-4)
+        assert torch.allclose(targets.regions[:, r], expected.clamp(-5, 5).flatten(), rtol=1e-4)
+    assert targets.regions.abs().sum() > 0
 
 
 def kl_setup(**module_kwargs):
@@ -134,6 +227,29 @@ def test_spatialflow_kl_term_is_beta_times_the_reference_kl():
     assert stats.kl.item() == pytest.approx(kl.item(), rel=1e-5)
     # float32 sums: the difference of two losses carries their rounding, hence rel 1e-3
     assert (with_kl - without).item() == pytest.approx(0.5 * kl.item(), rel=1e-3)
+
+
+def test_zero_weight_regions_give_the_adapter_the_same_gradient_through_the_module():
+    from dataclasses import replace
+
+    module, inputs = kl_setup(region_weights={"edit": 1.0, "others": 0.0, "background": 0.0})
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+
+    def loss_and_grads(inputs):
+        loss, _ = module.objective.loss(inputs)
+        return loss, torch.autograd.grad(loss, params)
+
+    loss, grads = loss_and_grads(inputs)
+    assert loss != 0 and sum(g.abs().sum() for g in grads) > 0
+    regions = inputs.targets.regions.clone()
+    regions[:, 1:] = torch.randn(regions.shape[0], 2) * 100  # others' and background's
+    moved = replace(inputs, targets=replace(inputs.targets, regions=regions))
+    other_loss, other_grads = loss_and_grads(moved)
+    assert torch.equal(other_loss, loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, other_grads, strict=True))
+    # the edit's own advantage does move it
+    regions[:, 0] = -regions[:, 0]
+    assert not torch.equal(loss_and_grads(moved)[0], loss)
 
 
 def test_region_mean_by_hand():

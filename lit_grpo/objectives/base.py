@@ -51,13 +51,13 @@ class PolicyTargets:
     """What the update trains towards, this rank's rows: advantages [N] (0 where not valid),
     valid [N] bool, and the loss denominator (valid rows of all ranks per minibatch and rank,
     so DDP's gradient average equals the single-process loss; set by the module). Region
-    objectives add per-token advantages `tokens` [N, T] and the regions' token cover
-    `cover` [N, R, T]."""
+    objectives add per-region advantages `regions` [N, R] (0 where not valid) and the
+    regions' token cover `cover` [N, R, T]."""
 
     advantages: Tensor
     valid: Tensor
     denominator: Tensor | float = 1.0
-    tokens: Tensor | None = None
+    regions: Tensor | None = None
     cover: Tensor | None = None
 
 

@@ -3,22 +3,46 @@
 What changes against Flow-GRPO's objective:
 - advantages: a region reward (`lit_grpo.rewards.RegionReward`) scores every region of an
   edit ([N, R], named); each region's scores are normalised within their group (gathered
-  across ranks, like the whole-image ones), then mapped onto the latent tokens each region
-  covers (`EditPolicy.pixel_to_tokens`): an advantage map [N, T];
+  across ranks, like the whole-image ones): region advantages [N, R], with the cover of each
+  region on the latent tokens (`EditPolicy.pixel_to_tokens`: [N, R, T], the fraction of
+  each token's pixels in the region);
 - the loss: the clipped ratio per token, on per-token log-probabilities (the per-element
   log-probs of the rollout record, averaged over each token's elements by
   `EditPolicy.latent_to_tokens`), aggregated region by region with `region_weights`
   (`region_weighted_loss`).
 
+Tokens that straddle regions (ours; the paper summary says region advantages are "aligned
+with latent positions" and nothing about a token two regions share). A token is a 4x4-pixel
+patch with one log-probability, and the regions partition pixels, so an object's edge token
+is partly edit region, partly background. Our rule apportions: region r's loss is the mean,
+over r's pixels, of the clipped surrogate at r's own advantage on the log-prob of the token
+holding the pixel; per token, the term of region r is `clipped(ratio, A_r)` weighted by
+`cover_r * region_weight_r`. A region of weight 0 never enters the loss nor its gradient
+(its advantages are not read), so `region_weights {edit: 1, others: 0, background: 0}`
+trains on the edit's advantage alone, and a token the edit covers in part is pushed by it in
+proportion to that part. Why not the alternatives:
+- the earlier rule (until issue 23) gave each token one advantage, the cover-weighted blend
+  of its regions' (`sum_r cover_r A_r`), and averaged each region over the tokens it
+  touches: a zero-weight region's advantage still reached the gradient through the blend.
+  On a 9x9-pixel edit region (8 of its 9 tokens partly background, 80% of its cover), with
+  the edit's advantage +1 and weights [1, 0, 0], background advantages 0, +2, -2 gave
+  losses -0.649, -1.351, +0.053 and flipped an edge token's gradient; now -1 in each case;
+- exclusive assignment (each token to the region covering most of it, or to the edit region
+  when it touches it) needs a threshold and a tie rule, drops a region's thin parts (a
+  region under half of every token it touches gets no token) or hands a region's pixels to
+  another's advantage, and changes the loss when a mask moves by a pixel.
+With 0/1 covers (every token inside one region) this rule and the earlier one agree.
+`token_credit` gives the push each token gets at ratio 1.
+
 Where we depart from the paper, on purpose: its region scores come from a trained reward
 model (SFReward); ours from the segmenter's masks (exact on ShapeWorld). The paper summary
-does not say what tokens outside every region get (ours: the regions partition the image)
-nor how region weights are set (ours: named weights in the config, equal by default; the
-names are checked against the region reward's at construction). A row takes part in the
-update when its total reward is finite and at least one region the loss weighs (weight > 0)
-has spread in its group; a region with no spread in a group gets advantage 0 there. A group
-with no spread in any weighed region is counted as zero-spread
-(`groups/zero_spread_fraction`) and skipped, KL term included: a segmenter that finds
+does not say what tokens outside every region get (ours: the regions partition the image;
+a token no region covers gets no loss) nor how region weights are set (ours: named weights
+in the config, equal by default; the names are checked against the region reward's at
+construction). A row takes part in the update when its total reward is finite and at least
+one region the loss weighs (weight > 0) has spread in its group; a region with no spread in
+a group gets advantage 0 there. A group with no spread in any weighed region is counted as
+zero-spread (`groups/zero_spread_fraction`) and skipped, KL term included: a segmenter that finds
 nothing leaves the edit region empty and its score flat, and such a batch shows as skipped,
 not as a step with a loss of exactly 0 (and enough of them in a row stop the run).
 `kl_beta` > 0 adds Flow-GRPO's KL to the adapter-off reference (the SFT editor) over the
@@ -27,9 +51,9 @@ whole image, per sample; the paper summary names no KL term, so this is ours.
 region as the loss is; {others: 1, background: 1} holds the other objects and the
 background to the SFT editor and leaves the edit region free. The shipped
 `configs/spatialflow.yaml` weighs the loss on {edit: 1} and this KL on {others: 1,
-background: 1}: measured on ShapeWorld (docs/benchmarks.md, session 5), the background's
-and other objects' own advantages neither held the scene nor let the edit learn as fast,
-and the KL did hold it.
+background: 1}: measured on ShapeWorld (docs/benchmarks.md, session 5, under the earlier
+blended rule), the background's and other objects' own advantages neither held the scene
+nor let the edit learn as fast, and the KL did hold it.
 """
 
 import torch
@@ -53,77 +77,88 @@ from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.sde import SDEStep
 
 
-def token_advantages(region_adv: Tensor, cover: Tensor) -> Tensor:
-    """Per-token advantages [N, T]: each token takes the advantages of the regions it covers,
-    weighted by how much of it each covers (regions [N, R] advantages, cover [N, R, T]
-    fractions). A token no region covers gets 0 (our choice: no credit where no region
-    speaks; the region rewards here partition the image, so every token is covered)."""
-    if region_adv.shape != cover.shape[:2]:
-        raise ValueError(
-            f"region advantages {tuple(region_adv.shape)} do not match cover {tuple(cover.shape)}"
-        )
-    total = cover.sum(1)  # [N, T]
-    weighted = (region_adv[:, :, None] * cover).sum(1)
-    return torch.where(total > 0, weighted / total.clamp_min(1e-8), torch.zeros_like(weighted))
-
-
 def region_weighted_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
-    advantages: Tensor,
+    region_adv: Tensor,
     cover: Tensor,
     region_weights: Tensor,
     clip_range: float,
     row_weights: Tensor | None = None,
     denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
-    """SpatialFlow-GRPO's region-weighted aggregation of the per-token clipped loss.
+    """SpatialFlow-GRPO's region-weighted aggregation of the per-token clipped loss, each
+    region on its own advantage (the apportioning rule of the module docstring).
 
-    log_prob, old_log_prob, advantages: [N, T] per token; cover: [N, R, T] region fractions;
-    region_weights: [R]. Per token: max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e)); per
-    region: the cover-weighted mean over its tokens; per row: the `region_weights`-weighted
-    mean over the regions present in it (so a small edit region counts as much as a large
-    background, by weight, not by size: our reading of "region-weighted aggregation"); then
-    the `row_weights`-weighted sum over rows divided by `denominator` (as
-    `clipped_policy_loss`).
+    log_prob, old_log_prob: [N, T] per token; region_adv: [N, R]; cover: [N, R, T] region
+    fractions; region_weights: [R]. Per region r and token: max(-A_r * ratio,
+    -A_r * clamp(ratio, 1 - e, 1 + e)); per region: the cover-weighted mean over its tokens;
+    per row: the `region_weights`-weighted mean over the regions present in it (so a small
+    edit region counts as much as a large background, by weight, not by size: our reading
+    of "region-weighted aggregation"); then the `row_weights`-weighted sum over rows divided
+    by `denominator` (as `clipped_policy_loss`). The advantages of a region of weight 0 are
+    not read: any values there (inf, nan included) give the same loss and gradient, bit for
+    bit.
     """
-    per_token, stats = _clipped_terms(log_prob, old_log_prob, advantages, clip_range)
-    per_row = region_mean(per_token, cover, region_weights)  # [N]
-    rw = torch.ones_like(per_row) if row_weights is None else row_weights.to(per_row)
-    norm = rw.sum() if denominator is None else torch.as_tensor(denominator).to(per_row)
-    return (per_row * rw).sum() / norm.clamp_min(1e-8), stats
-
-
-def region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
-    """Per row [N]: the `region_weights`-weighted mean, over the regions present in the row,
-    of each region's cover-weighted mean over its tokens (per_token [N, T], cover [N, R, T],
-    region_weights [R]). The aggregation of `region_weighted_loss` and of the region KL."""
-    if cover.shape[0] != per_token.shape[0] or cover.shape[2] != per_token.shape[1]:
+    if region_adv.shape != cover.shape[:2]:
         raise ValueError(
-            f"cover {tuple(cover.shape)} does not match tokens {tuple(per_token.shape)}"
+            f"region advantages {tuple(region_adv.shape)} do not match cover {tuple(cover.shape)}"
         )
-    size = cover.sum(-1)  # [N, R]
-    per_region = (cover * per_token[:, None]).sum(-1) / size.clamp_min(1e-8)
-    w = region_weights.to(per_region)[None] * (size > 0)  # [N, R]
-    return (w * per_region).sum(-1) / w.sum(-1).clamp_min(1e-8)
-
-
-def _clipped_terms(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
-) -> tuple[Tensor, PolicyLossStats]:
-    if not log_prob.shape == old_log_prob.shape == advantages.shape:
+    if not log_prob.shape == old_log_prob.shape == (cover.shape[0], cover.shape[2]):
         raise ValueError(
-            f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
-            f"advantages {tuple(advantages.shape)} must have one shape"
+            f"log_prob {tuple(log_prob.shape)} and old_log_prob {tuple(old_log_prob.shape)} "
+            f"must be [N, T] = {(cover.shape[0], cover.shape[2])}, as cover {tuple(cover.shape)}"
         )
-    per_item, ratio = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
+    w = region_weights.to(region_adv)
+    # a weightless region's advantage is replaced, not multiplied by 0 (0 * inf is nan)
+    adv = torch.where(w[None] != 0, region_adv, torch.zeros_like(region_adv))  # [N, R]
+    # [N, R, T]: region r's term on each token; ratio [N, 1, T]
+    per_token, ratio = clipped_surrogate(
+        log_prob[:, None], old_log_prob[:, None], adv[:, :, None], clip_range
+    )
     with torch.no_grad():
         stats = PolicyLossStats(
             ratio_mean=ratio.mean(),
             clip_fraction=((ratio - 1).abs() > clip_range).float().mean(),
             approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean(),
         )
-    return per_item, stats
+    per_row = _region_mean(per_token, cover, w)  # [N]
+    rw = torch.ones_like(per_row) if row_weights is None else row_weights.to(per_row)
+    norm = rw.sum() if denominator is None else torch.as_tensor(denominator).to(per_row)
+    return (per_row * rw).sum() / norm.clamp_min(1e-8), stats
+
+
+def token_credit(region_adv: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
+    """The push on each token's log-probability at ratio 1 [N, T]: minus the gradient of a
+    row's `region_weighted_loss` (before row weights and denominator), i.e. sum over regions
+    of w_r / W * cover_r / size_r * A_r, W the weight of the regions present in the row and
+    size_r the region's total cover (region_adv [N, R], cover [N, R, T], region_weights
+    [R]). Whole-image Flow-GRPO on token-averaged log-probs pushes each token by A / T."""
+    w = region_weights.to(region_adv)
+    adv = torch.where(w[None] != 0, region_adv, torch.zeros_like(region_adv))  # [N, R]
+    size = cover.sum(-1)  # [N, R]
+    present = w[None] * (size > 0)
+    share = present / present.sum(-1, keepdim=True).clamp_min(1e-8)  # [N, R]
+    return (share[:, :, None] * cover / size[:, :, None].clamp_min(1e-8) * adv[:, :, None]).sum(1)
+
+
+def region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
+    """Per row [N]: the `region_weights`-weighted mean, over the regions present in the row,
+    of each region's cover-weighted mean over its tokens (per_token [N, T], cover [N, R, T],
+    region_weights [R]). The aggregation of the region KL (a term the same in every region)."""
+    if cover.shape[0] != per_token.shape[0] or cover.shape[2] != per_token.shape[1]:
+        raise ValueError(
+            f"cover {tuple(cover.shape)} does not match tokens {tuple(per_token.shape)}"
+        )
+    return _region_mean(per_token[:, None], cover, region_weights)
+
+
+def _region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
+    """`region_mean` of terms per region and token (per_token [N, R or 1, T])."""
+    size = cover.sum(-1)  # [N, R]
+    per_region = (cover * per_token).sum(-1) / size.clamp_min(1e-8)
+    w = region_weights.to(per_region)[None] * (size > 0)  # [N, R]
+    return (w * per_region).sum(-1) / w.sum(-1).clamp_min(1e-8)
 
 
 class SpatialFlowGRPO(FlowGRPO):
@@ -191,7 +226,7 @@ class SpatialFlowGRPO(FlowGRPO):
     def advantages(
         self, scores, group_size: int, ranks: Ranks, policy
     ) -> tuple[Advantages, PolicyTargets]:
-        """Per-region group advantages mapped onto the tokens the regions cover."""
+        """Per-region group advantages [N, R] and the regions' cover of the tokens [N, R, T]."""
         out = self.region_output(scores)
         total, total_values, _ = gathered_advantages(
             scores.total, group_size, ranks, self.normalise
@@ -213,10 +248,10 @@ class SpatialFlowGRPO(FlowGRPO):
             [policy.pixel_to_tokens(out.region_masks[:, r]) for r in range(region_adv.shape[1])],
             1,
         )  # [N, R, T]
-        tokens = token_advantages(torch.where(valid[:, None], region_adv, 0.0), cover)
+        region_adv = torch.where(valid[:, None], region_adv, 0.0)
         # the rows that train: every rank's, for the loss denominator and the skip decision
         adv = Advantages(total.values, zero_spread, ranks.gather(valid).reshape(-1))
-        return adv, PolicyTargets(total_values, valid, tokens=tokens, cover=cover)
+        return adv, PolicyTargets(total_values, valid, regions=region_adv, cover=cover)
 
     def region_output(self, scores):
         """The region reward's output among `scores.regions`."""
@@ -236,7 +271,7 @@ class SpatialFlowGRPO(FlowGRPO):
         return host_to_device(torch.tensor(w, dtype=torch.float32), device)  # no sync
 
     def policy_loss(self, inputs: LossInputs, step: SDEStep) -> tuple[Tensor, LossStats]:
-        """The per-token clipped loss, aggregated region by region."""
+        """The per-token clipped loss, region by region on each region's advantage."""
         rows, record, targets = inputs.rows, inputs.record, inputs.targets
         size = tuple(record.images.shape[-2:])
         new = inputs.policy.latent_to_tokens(step.log_prob, size)  # [n, T]
@@ -244,7 +279,7 @@ class SpatialFlowGRPO(FlowGRPO):
         loss, s = region_weighted_loss(
             new,
             old,
-            targets.tokens[rows],
+            targets.regions[rows],
             targets.cover[rows],
             self._region_weights(False, new.device),
             self.clip_range,
