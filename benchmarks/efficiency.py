@@ -46,8 +46,10 @@ Start-up (the process's wall time minus its training seconds) is reported apart.
 Budget: the reference (flow-grpo-full) trains `--reference-steps` (200) and runs first; every
 other method trains until `--budget-seconds`, by default the reference's own training seconds
 (a method that has not reached the target by then does not reach it in the reference's
-time at all; `max_time` stops at the end of the step that passes it). `--budget-seconds`
-caps the reference too. Checkpoints are about 14 MB each (`<out>/<method>/checkpoints`);
+time at all; `max_time` stops at the end of the step that passes it). `--budget-fraction f`
+gives the others f times the reference's seconds instead (0.5 still decides a goal of "a
+third of its seconds", in about half the time). `--budget-seconds` caps the reference too.
+Checkpoints are about 14 MB each (`<out>/<method>/checkpoints`);
 `--eval-only` scores the runs already in `--out` again without training.
 """
 
@@ -327,6 +329,10 @@ def main(argv=None) -> int:
         help="training seconds per method, the reference included (default: the "
         "reference's own training seconds for the others, and no cap on the reference)",
     )  # fmt: skip
+    parser.add_argument(
+        "--budget-fraction", type=float, default=1.0,
+        help="the others train this fraction of the reference's seconds (with no --budget-seconds)",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=10, help="checkpoint every N steps")
     parser.add_argument("--out", type=Path, default=None, help="default runs/efficiency[-quick]")
     parser.add_argument("--plot", type=Path, default=None, help="default docs/img/efficiency.png")
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
         cap = budget if budget is not None else 10 * 3600
         fits[name] = train(METHODS[name], run_dir, args, steps, cap)
         if name == REFERENCE and budget is None:
-            budget = math.ceil(checkpoints(run_dir)[-1][1])
+            budget = math.ceil(args.budget_fraction * checkpoints(run_dir)[-1][1])
 
     torch.set_grad_enabled(False)
     # the configs' data: 32 px, 1-3 objects per scene, move 0.25 of the side
