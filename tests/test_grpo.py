@@ -251,7 +251,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on():
     assert trainer.global_step == 3
     assert [r["train/nonfinite_skipped"] for r in seen.rows] == [0.0, 1.0, 0.0]
     assert [r["train/optimizer_steps"] for r in seen.rows] == [1.0, 0.0, 1.0]
-    assert module.nonfinite_in_a_row == 0
+    assert module.stalls.nonfinite.count == 0
     assert all(torch.isfinite(p).all() for p in lora_params(module).values())
 
 
