@@ -6,18 +6,16 @@ encoders in test_backbone_files.py and test_qwen_text.py)."""
 
 import copy
 
-import lightning as L
 import pytest
 import torch
+from helpers import Brightness, lora_params, quiet_trainer, shapeworld_batch, tiny_data
 
-from lit_grpo.datamodules import ShapeWorldDataModule
-from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import GRPOModule, RCGRPOModule, SFTModule
 from lit_grpo.objectives import FlowGRPO
 from lit_grpo.policies import FluxKontextPolicy, LoraSettings, QwenImageEditPolicy
 from lit_grpo.policies.diffusers_common import WordEmbedder
 from lit_grpo.policies.qwen_edit import true_cfg
-from lit_grpo.rewards import AttentionConcentrationReward, Reward, RewardOutput
+from lit_grpo.rewards import AttentionConcentrationReward
 
 SIZE = 16  # ShapeWorld images: 16 px -> Flux tokens 4 x 4 (VAE /2), Qwen 2 x 2 (VAE /4)
 
@@ -93,12 +91,7 @@ BACKBONES = {"flux": flux_policy, "qwen": qwen_policy}
 
 
 def scenes(n=2, tasks=("translate",)):
-    data = ShapeWorld("train", n, SIZE, tasks)
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
-
-
-def lora_params(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+    return shapeworld_batch(n, SIZE, tasks)
 
 
 def unchanged(before, after):
@@ -114,31 +107,15 @@ def unchanged(before, after):
     return [n for n in before if n not in moved and not (qwen and any(d in n for d in dead))]
 
 
-class Brightness(Reward):
-    """The mean pixel value: differs between rollouts of random tiny models, so every group
-    has spread (the spatial rewards cannot find objects in their images)."""
-
-    name = "brightness"
-
-    def forward(self, inputs):
-        return RewardOutput(inputs.images.float().mean((1, 2, 3)))
-
-
 def quiet_fit(module, steps=2, callbacks=(), root=None, **data):
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         max_epochs=10,
-        logger=False,
         callbacks=list(callbacks),
         default_root_dir=root,
         enable_checkpointing=root is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
-    kw = dict(resolution=SIZE, batch_size=2, tasks=["translate"], train_size=4, val_size=2)
-    trainer.fit(module, ShapeWorldDataModule(**{**kw, **data}))
+    trainer.fit(module, tiny_data(**{"resolution": SIZE, "val_size": 2, **data}))
     return trainer
 
 

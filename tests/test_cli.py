@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_clip, store_client
 
 from lit_grpo.cli import run_cli
 
@@ -43,7 +44,6 @@ def test_every_config_parses(config, capsys):
 
 
 def test_fit_end_to_end_changes_weights_and_logs_to_mlflow(in_tmp):
-    import mlflow
 
     args = ["--config", str(ROOT / "configs/sft.yaml"), *TINY]
     before = run_cli(args, run=False).model  # same seed, same config: the initial weights
@@ -61,7 +61,7 @@ def test_fit_end_to_end_changes_weights_and_logs_to_mlflow(in_tmp):
     ]
     assert not unchanged, f"parameters that did not train: {unchanged[:5]}"
 
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     exp = client.get_experiment_by_name("shapeworld-sft")
     (run,) = client.search_runs([exp.experiment_id])
     losses = client.get_metric_history(run.info.run_id, "train/loss")
@@ -189,14 +189,13 @@ GRPO_TINY = [
 
 
 def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
-    import mlflow
 
     cli = run_cli(["fit", "--config", str(ROOT / "configs/talk2move.yaml"), *GRPO_TINY])
     lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
     fresh = run_cli(["--config", str(ROOT / "configs/talk2move.yaml"), *GRPO_TINY], run=False)
     initial = dict(fresh.model.named_parameters())
     assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     exp = client.get_experiment_by_name("shapeworld-talk2move")
     (run,) = client.search_runs([exp.experiment_id])
     metrics = run.data.metrics
@@ -226,11 +225,10 @@ def test_grpo_fit_through_cli_trains_lora_from_builtin_sft(in_tmp):
 
 @pytest.mark.parametrize("task", ["rotate", "scale"])
 def test_per_task_configs_train_their_own_reward(in_tmp, task):
-    import mlflow
 
     config = ROOT / f"configs/talk2move_{task}.yaml"
     run_cli(["fit", "--config", str(config), *GRPO_TINY])
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name(f"shapeworld-talk2move-{task}").experiment_id]
     )
@@ -240,7 +238,6 @@ def test_per_task_configs_train_their_own_reward(in_tmp, task):
 
 
 def test_unified_config_trains_one_policy_on_all_three_edits(in_tmp):
-    import mlflow
 
     config = ROOT / "configs/talk2move_unified.yaml"
     cli = run_cli(
@@ -254,7 +251,7 @@ def test_unified_config_trains_one_policy_on_all_three_edits(in_tmp):
         ]
     )
     assert cli.datamodule.hparams.tasks == ["translate", "rotate", "scale"]
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     exp = client.get_experiment_by_name("shapeworld-talk2move-unified")
     (run,) = client.search_runs([exp.experiment_id])
     metrics = run.data.metrics
@@ -267,7 +264,6 @@ def test_unified_config_trains_one_policy_on_all_three_edits(in_tmp):
 def test_spatialflow_main_job_leaves_a_checkpoint_and_lora_that_test_and_edit_accept(
     in_tmp, capsys
 ):
-    import mlflow
     from PIL import Image
 
     from lit_grpo.__main__ import main
@@ -279,7 +275,7 @@ def test_spatialflow_main_job_leaves_a_checkpoint_and_lora_that_test_and_edit_ac
     initial = dict(fresh.model.named_parameters())
     lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
     assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-spatialflow").experiment_id]
     )
@@ -335,7 +331,6 @@ def test_artifacts_go_beside_the_store_named_by_the_env(in_tmp, monkeypatch):
 
 
 def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp, capsys):
-    import mlflow
 
     run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=2"])
     (last,) = (in_tmp / "runs").rglob("last.ckpt")
@@ -361,7 +356,7 @@ def test_validate_and_test_subcommands_from_a_checkpoint(in_tmp, capsys):
     for task in tasks:
         assert re.search(rf"^{task}\s+\d+\s", printed, re.M), printed
         assert f"test/{task}/accuracy" in metrics and f"test/{task}/background_l1" in metrics
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     run = client.get_run(cli.trainer.logger.run_id)
     table = client.download_artifacts(run.info.run_id, "test_edits.txt", str(in_tmp))
     assert open(table).read().splitlines()[0] == header
@@ -388,7 +383,6 @@ def test_config_params_name_list_items_by_class_not_position():
     [("rcgrpo.yaml", "shapeworld-rcgrpo"), ("rcgrpo_sde.yaml", "shapeworld-rcgrpo-sde")],
 )
 def test_rcgrpo_configs_train_lora_with_the_attention_reward(in_tmp, config, experiment):
-    import mlflow
 
     args = ["--config", str(ROOT / "configs" / config), *GRPO_TINY]
     if config == "rcgrpo.yaml":
@@ -397,7 +391,7 @@ def test_rcgrpo_configs_train_lora_with_the_attention_reward(in_tmp, config, exp
     initial = dict(run_cli(args, run=False).model.named_parameters())
     lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
     assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     for key in (
         "reward/attention_concentration",
@@ -411,15 +405,7 @@ def test_rcgrpo_configs_train_lora_with_the_attention_reward(in_tmp, config, exp
 
 
 def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards(in_tmp):
-    import mlflow
-    import open_clip
-    from test_metrics import TINY_CLIP
-
-    model = in_tmp / "tiny-clip.json"  # a random open_clip model in local files
-    model.write_text(json.dumps(TINY_CLIP))
-    weights = in_tmp / "tiny_clip.pt"
-    torch.manual_seed(0)
-    torch.save(open_clip.CLIP(**TINY_CLIP).state_dict(), weights)
+    model, weights, _ = save_tiny_clip(in_tmp, "tiny-clip.json")  # random, in local files
 
     def rewards(pretrained):  # the paper's pair: the config's comment shows the same entry
         clip = {"model": str(model), "pretrained": str(pretrained), "weight": 1.0}
@@ -437,7 +423,7 @@ def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards
     lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
     assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
     assert not any("judge" in k or "clip" in k for k in cli.model.state_dict())  # not saved
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-instructrl4pix").experiment_id]
     )
@@ -464,7 +450,6 @@ def test_instructrl4pix_config_trains_lora_on_the_attention_map_and_clip_rewards
 def test_run_names_follow_the_command_line(in_tmp, capsys):
     """`run_name: spatialflow-G${model.init_args.group_size}` resolves with the group size the
     run uses, not the YAML's; a run name set on the command line stays as given."""
-    import mlflow
 
     from lit_grpo.__main__ import main
 
@@ -478,7 +463,7 @@ def test_run_names_follow_the_command_line(in_tmp, capsys):
     assert name(run_cli([*spatialflow, *mine], run=False)) == "mine"
     # sft.yaml: run_name: sft-${data.init_args.resolution}px; TINY trains at 16 px
     run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), *TINY, "--trainer.max_steps=1"])
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("shapeworld-sft").experiment_id])
     assert run.info.run_name == "sft-16px"
     assert run.data.params["trainer.logger.run_name"] == "sft-16px"

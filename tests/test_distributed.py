@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import store_client
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_ATOL, LORA_ATOL, NORM_RTOL = 1e-7, 1e-5, 1e-4
@@ -199,7 +200,6 @@ def test_two_nodes_on_localhost_fit_and_resume_through_the_cli(tmp_path):
     """scripts/two_node_local.sh: torchrun --nnodes=2 (one process each) runs the CLI with the
     FSDP2 overlay; then the same launch resumes with --ckpt_path last (a checkpoint folder).
     1-3 minutes on 2 cores."""
-    import mlflow
 
     from lit_grpo.checks import read_checkpoint
 
@@ -217,7 +217,7 @@ def test_two_nodes_on_localhost_fit_and_resume_through_the_cli(tmp_path):
     meta = read_checkpoint(last, "checkpoint")
     assert meta["global_step"] == 3 and meta["grpo_generators"].shape[0] == 2
     assert (last.parent / "lora" / "lora-step=000003.safetensors").is_file()
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    client = store_client(tmp_path)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
     )

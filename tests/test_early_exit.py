@@ -4,15 +4,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer, tiny_data, tiny_module
 
 from lit_grpo.callbacks import EarlyExitSelector
-from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.sampling.strategies import EarlyExit
 
 
 def trainer(tmp_path, steps, callbacks):
-    from test_grpo import quiet_trainer
-
     return quiet_trainer(
         max_steps=steps,
         max_epochs=-1,
@@ -23,13 +21,11 @@ def trainer(tmp_path, steps, callbacks):
 
 
 def data():
-    return ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=8)
+    return tiny_data(train_size=8)
 
 
 def test_selector_chooses_argmax_and_resumes_with_same_k(tmp_path):
-    from test_grpo import make_module
-
-    module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
+    module = tiny_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
     selector = EarlyExitSelector(candidates=[1, 3, 5], every_n_steps=2)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit = trainer(tmp_path, 3, [selector, ckpt])
@@ -42,7 +38,7 @@ def test_selector_chooses_argmax_and_resumes_with_same_k(tmp_path):
     assert "early_exit/K" in fit.callback_metrics and "early_exit/var_k3" in fit.callback_metrics
 
     # resume in a fresh process state: the K and the history come back from the checkpoint
-    resumed_module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
+    resumed_module = tiny_module(strategy=EarlyExit(exit_step=1), sample_steps=6)
     resumed = EarlyExitSelector(candidates=[1, 3, 5], every_n_steps=100)
     seen = []
 
@@ -127,19 +123,17 @@ def test_variance_profile_is_logged_as_an_image(tmp_path):
 
 
 def test_probes_and_window_moves_count_grpo_iterations_not_optimizer_steps(tmp_path):
-    from test_grpo import make_module
-
     from lit_grpo.sampling.strategies import SlidingWindow
 
     # 2 minibatches: every GRPO iteration takes 2 optimiser steps, and one global step
-    module = make_module(strategy=EarlyExit(exit_step=1), sample_steps=6, minibatches=2)
+    module = tiny_module(strategy=EarlyExit(exit_step=1), sample_steps=6, minibatches=2)
     selector = EarlyExitSelector(candidates=[1, 2], every_n_steps=2, plot=False)
     fit = trainer(tmp_path, 5, [selector])
     fit.fit(module, data())
     assert fit.global_step == 5 and module.iteration == 5
     assert [h["step"] for h in selector.history] == [0, 2, 4]  # not [0, 4] (optimiser steps)
 
-    window = make_module(strategy=SlidingWindow(window=2, shift_every=1), minibatches=2)
+    window = tiny_module(strategy=SlidingWindow(window=2, shift_every=1), minibatches=2)
     starts = []
 
     class Spy(L.Callback):

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_grpo import ConstantReward, NaNReward, Recorder, fit_steps, make_module
+from helpers import (
+    ConstantReward,
+    NaNReward,
+    Recorder,
+    fit_steps,
+    shapeworld_batch,
+    store_client,
+    tiny_module,
+)
 from test_user_errors import error_of
 
 from lit_grpo.__main__ import main
@@ -67,14 +75,8 @@ class TensorReward(Reward):
         return torch.zeros(inputs.images.shape[0])
 
 
-def batch_of(n=2):
-    from test_grpo import make_batch
-
-    return make_batch(n)
-
-
 def test_a_reward_that_raises_or_breaks_the_contract_is_named_in_one_line():
-    batch = batch_of(2)
+    batch = shapeworld_batch(2)
     line = RaisingReward.forward.__code__.co_firstlineno + 1
 
     def failure(*rewards) -> str:
@@ -112,7 +114,6 @@ def test_a_reward_that_raises_or_breaks_the_contract_is_named_in_one_line():
 
 
 def test_a_raising_reward_ends_the_cli_in_one_line_and_the_run_failed(in_tmp, capsys):
-    import mlflow
 
     reward = '--model.init_args.rewards=[{"class_path": "test_failures.RaisingReward"}]'
     capsys.readouterr()
@@ -124,7 +125,7 @@ def test_a_raising_reward_ends_the_cli_in_one_line_and_the_run_failed(in_tmp, ca
         "unreachable (at test_failures.py:"
     )
     assert "Traceback" not in err
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
     )
@@ -189,7 +190,7 @@ class FindsEverything(ColourSegmenter):
     ids=["all-nan", "zero-spread"],
 )
 def test_a_grpo_run_that_trains_nothing_stops_naming_the_cause(reward, cause):
-    module = make_module([reward()], max_skipped_in_a_row=3, segmenter=FindsEverything())
+    module = tiny_module([reward()], max_skipped_in_a_row=3, segmenter=FindsEverything())
     with pytest.raises(TrainingStalled) as err:
         fit_steps(module, 10)
     assert str(err.value) == (
@@ -240,7 +241,6 @@ def test_spatialflow_with_a_segmenter_that_finds_nothing_is_skipped_and_stops():
 
 
 def test_an_all_nan_fit_through_the_cli_exits_1_in_one_line_and_the_run_failed(in_tmp, capsys):
-    import mlflow
 
     capsys.readouterr()
     code = main(
@@ -249,7 +249,7 @@ def test_an_all_nan_fit_through_the_cli_exits_1_in_one_line_and_the_run_failed(i
             "--config",
             GRPO,
             *TINY_GRPO,
-            '--model.init_args.rewards=[{"class_path": "test_grpo.NaNReward"}]',
+            '--model.init_args.rewards=[{"class_path": "helpers.NaNReward"}]',
             "--model.init_args.max_skipped_in_a_row=2",
         ]
     )
@@ -260,7 +260,7 @@ def test_an_all_nan_fit_through_the_cli_exits_1_in_one_line_and_the_run_failed(i
         "global_step 1, model.init_args.max_skipped_in_a_row=2): every reward was NaN or inf "
         f"(reward/nonfinite_fraction 1). {ADVICE}"
     ]
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
     )

@@ -8,15 +8,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import (
+    ConstantReward,
+    NaNReward,
+    Recorder,
+    fit_steps,
+    lora_params,
+    quiet_trainer,
+    shapeworld_batch,
+    tiny_data,
+    tiny_module,
+    tiny_policy,
+)
 
-from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.shapeworld import ShapeWorld
-from lit_grpo.modules import GRPOModule
 from lit_grpo.modules.stalls import TrainingStalled
 from lit_grpo.objectives import FlowGRPO
 from lit_grpo.objectives.flow_grpo import clipped_policy_loss, gathered_group_advantages
 from lit_grpo.perception import ColourSegmenter
-from lit_grpo.policies import LoraSettings, TinyEditPolicy
+from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import (
     BackgroundReward,
     EditSpec,
@@ -26,13 +36,6 @@ from lit_grpo.rewards import (
     TranslationReward,
 )
 from lit_grpo.sampling.sde import reduce_log_prob
-
-
-class ConstantReward(Reward):
-    name = "constant"
-
-    def forward(self, inputs):
-        return RewardOutput(torch.ones(inputs.images.shape[0]))
 
 
 class HalfNaNReward(Reward):
@@ -51,13 +54,6 @@ class HalfNaNReward(Reward):
         return RewardOutput(scores)
 
 
-class NaNReward(Reward):
-    name = "nan"
-
-    def forward(self, inputs):
-        return RewardOutput(torch.full((inputs.images.shape[0],), float("nan")))
-
-
 class NaNUnderGradPolicy(TinyEditPolicy):
     """Samples normally, but its training forward (with grad) returns NaN while `poisoned`:
     a policy whose update blows up."""
@@ -69,56 +65,17 @@ class NaNUnderGradPolicy(TinyEditPolicy):
         return v * float("nan") if torch.is_grad_enabled() and self.poisoned else v
 
 
-def make_module(rewards=None, policy_cls=TinyEditPolicy, **kw):
-    torch.manual_seed(0)
-    policy = policy_cls(width=32, depth=1, heads=2)
-    # adaLN-Zero starts with closed gates (no gradient reaches LoRA); open them as training would
-    for p in policy.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    kw = {
-        "lora": LoraSettings(rank=4, alpha=4),
-        "group_size": 4,
-        "sample_steps": 4,
-        "eval_steps": 2,
-        **kw,
-    }
-    return GRPOModule(policy, rewards or [TranslationReward(), BackgroundReward()], **kw)
-
-
-def make_batch(n=2, tasks=("translate",)):
-    data = ShapeWorld("train", n, 16, tasks)
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
-
-
-def quiet_trainer(**overrides):
-    """A Trainer for tests: no logger, bar, summary, sanity check or validation."""
-    kwargs = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+def fit(module, steps=2, batches=2, callbacks=()):
+    trainer = quiet_trainer(
+        max_steps=steps, limit_train_batches=batches, max_epochs=1, callbacks=list(callbacks)
     )
-    return L.Trainer(**{**kwargs, **overrides})
-
-
-def fit(module, steps=2, batches=2):
-    trainer = quiet_trainer(max_steps=steps, limit_train_batches=batches, max_epochs=1)
-    data = ShapeWorldDataModule(
-        resolution=16, batch_size=2, tasks=["translate"], train_size=2 * batches, val_size=2
-    )
-    trainer.fit(module, data)
+    trainer.fit(module, tiny_data(train_size=2 * batches, val_size=2))
     return trainer
 
 
-def lora_params(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
-
-
 def test_rollout_layout_and_first_ratio_is_exactly_one():
-    module = make_module()
-    batch = make_batch()
+    module = tiny_module()
+    batch = shapeworld_batch()
     rollout = module.sample(batch, torch.Generator().manual_seed(0))
     # 2 conditions x G=4 rollouts, 3 trained SDE steps (the last of 4 steps is the ODE step)
     assert rollout.states.shape == (8, 3, 3, 16, 16) and rollout.log_probs().shape == (8, 3)
@@ -136,7 +93,7 @@ def test_rollout_layout_and_first_ratio_is_exactly_one():
 
 
 def test_training_updates_lora_and_logs_every_statistic():
-    module = make_module()
+    module = tiny_module()
     before = lora_params(module)
     trainer = fit(module, steps=2)
     after = lora_params(module)
@@ -160,11 +117,13 @@ def test_training_updates_lora_and_logs_every_statistic():
         "time/update",
     ):
         assert key in m, key
-    assert m["train/ratio"].item() == 1.0  # one minibatch, one inner epoch: on-policy
+    # one minibatch, one inner epoch: on-policy, every log-prob is the recorded one
+    assert m["train/ratio"].item() == 1.0
+    assert m["train/approx_kl"].item() == 0.0 and m["train/clip_fraction"].item() == 0.0
 
 
 def test_all_zero_spread_batch_is_skipped_not_fatal():
-    module = make_module([ConstantReward()])
+    module = tiny_module([ConstantReward()])
     before = lora_params(module)
     trainer = fit(module, steps=2, batches=2)
     assert trainer.callback_metrics["groups/zero_spread_fraction"].item() == 1.0
@@ -174,7 +133,7 @@ def test_all_zero_spread_batch_is_skipped_not_fatal():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nan_rewards_are_dropped_and_training_goes_on(bad):
-    module = make_module([HalfNaNReward(bad)])
+    module = tiny_module([HalfNaNReward(bad)])
     before = lora_params(module)
     trainer = fit(module, steps=1, batches=1)
     assert trainer.callback_metrics["groups/dropped_samples"].item() == 2.0
@@ -182,28 +141,8 @@ def test_nan_rewards_are_dropped_and_training_goes_on(bad):
     assert any(not torch.equal(before[n], p) for n, p in lora_params(module).items())
 
 
-class Recorder(L.Callback):
-    """The listed metrics after every training batch."""
-
-    def __init__(self, *keys):
-        self.keys, self.rows = keys, []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        m = trainer.callback_metrics
-        self.rows.append({k: float(m[k]) for k in self.keys})
-
-
-def fit_steps(module, max_steps, callbacks=(), **data):
-    """Fit for `max_steps` over as many epochs as it takes (at most 10: a run that never
-    reaches max_steps fails the test instead of hanging it)."""
-    trainer = quiet_trainer(max_steps=max_steps, max_epochs=10, callbacks=list(callbacks))
-    kw = dict(resolution=16, batch_size=2, tasks=["translate"], train_size=4, val_size=2)
-    trainer.fit(module, ShapeWorldDataModule(**{**kw, **data}))
-    return trainer
-
-
 def test_an_all_nan_run_still_counts_its_iterations_to_max_steps():
-    module = make_module([NaNReward()])
+    module = tiny_module([NaNReward()])
     before = lora_params(module)
     seen = Recorder("train/skipped", "groups/dropped_samples")
     trainer = fit_steps(module, 4, [seen])
@@ -213,7 +152,7 @@ def test_an_all_nan_run_still_counts_its_iterations_to_max_steps():
 
 
 def test_max_steps_counts_iterations_not_optimizer_steps():
-    module = make_module(minibatches=2, inner_epochs=2)
+    module = tiny_module(minibatches=2, inner_epochs=2)
     seen = Recorder("train/optimizer_steps")
     trainer = fit_steps(module, 4, [seen])
     assert trainer.global_step == 4 and module.iteration == 4
@@ -228,7 +167,7 @@ def test_a_minibatch_of_only_masked_rows_is_not_stepped(monkeypatch):
     monkeypatch.setattr(
         torch, "randperm", lambda n, device=None, generator=None: torch.arange(n, device=device)
     )
-    module = make_module([IndexReward()], minibatches=2, weight_decay=0.1)
+    module = tiny_module([IndexReward()], minibatches=2, weight_decay=0.1)
     seen = Recorder("train/optimizer_steps", "train/empty_minibatches", "train/loss")
     trainer = fit_steps(module, 1, [seen], train_size=2, shuffle=False)
     (row,) = seen.rows
@@ -240,7 +179,7 @@ def test_a_minibatch_of_only_masked_rows_is_not_stepped(monkeypatch):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_training_goes_on():
-    module = make_module(policy_cls=NaNUnderGradPolicy)
+    module = tiny_module(policy=tiny_policy(cls=NaNUnderGradPolicy))
 
     class PoisonSecond(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -251,12 +190,12 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on():
     assert trainer.global_step == 3
     assert [r["train/nonfinite_skipped"] for r in seen.rows] == [0.0, 1.0, 0.0]
     assert [r["train/optimizer_steps"] for r in seen.rows] == [1.0, 0.0, 1.0]
-    assert module.nonfinite_in_a_row == 0
+    assert module.stalls.nonfinite.count == 0
     assert all(torch.isfinite(p).all() for p in lora_params(module).values())
 
 
 def test_nonfinite_iterations_in_a_row_stop_the_run_naming_the_step():
-    module = make_module(policy_cls=NaNUnderGradPolicy, max_nonfinite_in_a_row=3)
+    module = tiny_module(policy=tiny_policy(cls=NaNUnderGradPolicy), max_nonfinite_in_a_row=3)
     before = lora_params(module)
     with pytest.raises(TrainingStalled) as err:
         fit_steps(module, 10)
@@ -319,13 +258,13 @@ def test_reward_scores_only_its_task():
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="group_size"):
-        make_module(group_size=1)
+        tiny_module(group_size=1)
     with pytest.raises(ValueError, match="kl_beta"):
-        make_module(lora=None, objective=FlowGRPO(kl_beta=0.1))
+        tiny_module(lora=None, objective=FlowGRPO(kl_beta=0.1))
     with pytest.raises(ValueError, match="max_nonfinite_in_a_row"):
-        make_module(max_nonfinite_in_a_row=0)
+        tiny_module(max_nonfinite_in_a_row=0)
     with pytest.raises(ValueError, match="max_skipped_in_a_row must be >= 1, got 0"):
-        make_module(max_skipped_in_a_row=0)
+        tiny_module(max_skipped_in_a_row=0)
 
 
 # --- DDP: 2 gloo processes give the same advantages and loss as one --------------------------
@@ -379,19 +318,53 @@ def test_two_gloo_processes_match_one_process():
     assert adv.zero_spread.tolist() == [False, True, False, False]
 
 
-def test_kl_to_the_reference_is_logged_and_grows_from_zero():
-    module = make_module(objective=FlowGRPO(kl_beta=0.05))
-    trainer = fit(module, steps=2, batches=2)
-    # step 1 starts at the reference exactly (LoRA B = 0); after one update they differ
-    assert trainer.callback_metrics["train/kl"].item() > 0
+class KeepUpdateInputs:
+    """Stands in for a module's update loop and runs it, keeping each call's record, targets
+    and the LoRA weights the call started from."""
+
+    def __init__(self, module):
+        self.update, self.calls = module.update, []
+        module.update = self
+
+    def __call__(self, module, objective, sampler, record, targets, generator):
+        self.calls.append((record, targets, lora_params(module)))
+        return self.update(module, objective, sampler, record, targets, generator)
+
+
+def test_the_logged_kl_is_the_kl_to_the_reference_by_hand():
+    """train/kl by the formula of Flow-GRPO's KL (ALGORITHMS.md): per trained step, per row
+    the mean over elements of (mean_theta - mean_ref)^2 / (2 std^2), std the step's
+    sigma-level std, averaged over the valid rows, then over the steps. One minibatch and one
+    inner epoch: every term is computed before the optimiser steps."""
+    module = tiny_module(objective=FlowGRPO(kl_beta=0.05), lr=1e-2)  # a KL far from 0
+    seen, kept = Recorder("train/kl"), KeepUpdateInputs(module)
+    fit(module, steps=2, batches=2, callbacks=[seen])
+    assert seen.rows[0]["train/kl"] == 0.0  # step 1 starts at the reference (LoRA B = 0)
+    record, targets, weights = kept.calls[1]
+    valid, rows = targets.valid.float(), torch.arange(len(record))
+    per_step = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # the weights step 2 sampled and scored with
+            if name in weights:
+                p.copy_(weights[name])
+        for k in range(record.num_trained_steps):
+            step = module.sampler.rescore(module.policy, record, rows, k)
+            with module.policy.reference():
+                ref = module.sampler.rescore(module.policy, record, rows, k)
+            std = step.diffusion.view(-1, 1, 1, 1)
+            per_row = ((step.mean - ref.mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
+            per_step.append((per_row * valid).sum() / valid.sum())
+    expected = torch.stack(per_step).mean().item()
+    assert record.num_trained_steps == 3 and valid.sum() > 0 and expected > 1e-8  # ~2e-7
+    assert seen.rows[1]["train/kl"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_test_and_predict_loops(tmp_path):
-    module = make_module()
+    module = tiny_module()
     trainer = quiet_trainer(
         limit_test_batches=1, limit_predict_batches=1, default_root_dir=tmp_path
     )
-    data = ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], test_size=2)
+    data = tiny_data(test_size=2)
     (metrics,) = trainer.test(module, data, verbose=False)
     assert "test/reward" in metrics and "test/translation" in metrics
     (edits,) = trainer.predict(module, data)
@@ -430,7 +403,7 @@ class SaveMetrics(L.Callback):
 
 
 def _grpo_metrics(tmp_path, devices, batch_size):
-    module = make_module([IndexReward()])
+    module = tiny_module([IndexReward()])
     trainer = quiet_trainer(
         accelerator="cpu",
         devices=devices,
@@ -438,15 +411,7 @@ def _grpo_metrics(tmp_path, devices, batch_size):
         max_steps=1,
         callbacks=[SaveMetrics(tmp_path / f"d{devices}")],
     )
-    data = ShapeWorldDataModule(
-        resolution=16,
-        batch_size=batch_size,
-        tasks=["translate"],
-        train_size=4,
-        val_size=2,
-        shuffle=False,
-    )
-    trainer.fit(module, data)
+    trainer.fit(module, tiny_data(batch_size=batch_size, val_size=2, shuffle=False))
     return [torch.load(p) for p in sorted(tmp_path.glob(f"d{devices}.rank*"))]
 
 

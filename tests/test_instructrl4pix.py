@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 import torchvision
+from helpers import lora_params, moved, quiet_trainer, save_tiny_clip, shapeworld_batch, tiny_data
+from helpers import tiny_module as tiny_grpo_module
 
-from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import InstructRL4PixModule
 from lit_grpo.objectives.ddpo import batch_advantages
 from lit_grpo.objectives.flow_grpo import group_advantages
 from lit_grpo.perception import ColourSegmenter, Detections
 from lit_grpo.perception.geometry import target_region
-from lit_grpo.policies import LoraSettings, TinyEditPolicy
+from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import (
     AttentionConcentrationReward,
     AttentionMapReward,
@@ -130,8 +131,7 @@ def test_target_region_moves_turns_and_grows_the_source_mask_by_hand():
 @pytest.mark.parametrize("task,iou", [("translate", 0.95), ("rotate", 0.7), ("scale", 0.75)])
 def test_target_region_matches_where_the_object_really_ends_up(task, iou):
     n = 40
-    data = ShapeWorld("val", n, 32, (task,), seed=3)
-    batch = torch.utils.data.default_collate([data[i] for i in range(n)])
+    batch = shapeworld_batch(n, 32, (task,), "val", seed=3)
     seg = ColourSegmenter()
     before = seg(batch["source"], batch["object"])  # what a reward sees: no ground truth
 
@@ -182,15 +182,8 @@ def test_batch_advantages_use_the_batch_mean_and_std_by_hand():
 @pytest.fixture
 def tiny_clip(tmp_path):
     """A random 1.7M-parameter open_clip model written to local files: (config, weights)."""
-    import open_clip
-    from test_metrics import TINY_CLIP
-
-    config = tmp_path / "lit-grpo-tiny-clip.json"
-    config.write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny_clip.pt"
-    torch.save(open_clip.CLIP(**TINY_CLIP).state_dict(), weights)
-    return str(config), str(weights)
+    config, weights, _ = save_tiny_clip(tmp_path)
+    return config, weights
 
 
 def test_clip_reward_is_the_cosine_of_open_clips_embeddings(tiny_clip, tmp_path):
@@ -201,8 +194,7 @@ def test_clip_reward_is_the_cosine_of_open_clips_embeddings(tiny_clip, tmp_path)
         CLIPReward(config, str(tmp_path / "no_clip.bin"))
     reward = CLIPReward(config, weights, weight=0.5)
     assert reward.state_dict() == {} and not list(reward.parameters())  # held outside
-    data = ShapeWorld("test", 6, 32, ("translate", "rotate", "scale"))
-    batch = torch.utils.data.default_collate([data[i] for i in range(6)])
+    batch = shapeworld_batch(6, 32, ("translate", "rotate", "scale"), "test")
     inputs = RewardInputs(batch["target"], batch["source"], batch["instruction"], *[None] * 3)
     scores = reward(inputs).scores
     assert scores.shape == (6,) and ((scores >= -1) & (scores <= 1)).all()
@@ -229,18 +221,9 @@ def test_clip_reward_is_the_cosine_of_open_clips_embeddings(tiny_clip, tmp_path)
 
 
 def tiny_module(**kw):
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():  # open adaLN-Zero's gates, as training would
-        torch.nn.init.normal_(p, std=0.1)
+    """The tiny InstructRL4Pix stage with the attention-map and translation rewards."""
     rewards = [AttentionMapReward(), TranslationReward()]
-    kw = {"lora": LoraSettings(rank=4, alpha=4), "group_size": 4, "sample_steps": 4, **kw}
-    return InstructRL4PixModule(policy, rewards, eval_steps=2, **kw)
-
-
-def batch(n=2):
-    data = ShapeWorld("train", n, 16, ("translate",))
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
+    return tiny_grpo_module(rewards, cls=InstructRL4PixModule, **kw)
 
 
 def test_policy_finds_the_object_words_of_an_instruction():
@@ -257,7 +240,7 @@ def test_policy_finds_the_object_words_of_an_instruction():
 
 def test_module_hands_the_rewards_object_attention_and_target_region():
     module = tiny_module()
-    b = batch()
+    b = shapeworld_batch()
     record = module.sample(b, torch.Generator().manual_seed(0))
     inputs = module.observe(record.images, b, 4, record.attention)
     assert inputs.attention.shape == (8, 16, 4, 4)
@@ -287,20 +270,9 @@ def test_module_hands_the_rewards_object_attention_and_target_region():
 
 
 def test_module_trains_every_lora_parameter():
-    import lightning as L
-
-    from lit_grpo.datamodules import ShapeWorldDataModule
-
     module = tiny_module()
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
-    trainer = L.Trainer(
-        max_steps=2, limit_train_batches=2, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    data = ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=4)
-    trainer.fit(module, data)
-    after = dict(module.named_parameters())
-    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
-    assert len(changed) == len(before)
+    before = lora_params(module)
+    trainer = quiet_trainer(max_steps=2, limit_train_batches=2, max_epochs=1)
+    trainer.fit(module, tiny_data())
+    assert len(moved(before, module)) == len(before)
     assert "reward/attention_map" in trainer.logged_metrics

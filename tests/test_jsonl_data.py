@@ -277,25 +277,12 @@ def test_resolution_is_bound_late_from_the_policy_and_checked(tmp_path):
 
 
 def test_grpo_trains_on_jsonl_batches_unchanged(tmp_path):
-    from lit_grpo.modules import GRPOModule
-    from lit_grpo.policies import LoraSettings, TinyEditPolicy
-    from lit_grpo.rewards import BackgroundReward, TranslationReward
+    from helpers import tiny_module
 
     _, rows = shapeworld_rows(tmp_path, 4, tasks=("translate",), full=False)
     path = str(write_jsonl(tmp_path / "train.jsonl", rows))
     dm = JsonlDataModule(train=path, val=path, resolution=16, batch_size=2)
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():  # open adaLN-Zero's gates, as training would
-        torch.nn.init.normal_(p, std=0.1)
-    module = GRPOModule(
-        policy,
-        [TranslationReward(), BackgroundReward()],
-        lora=LoraSettings(rank=4, alpha=4),
-        group_size=4,
-        sample_steps=4,
-        eval_steps=2,
-    )
+    module = tiny_module()  # the translation and background rewards
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer = L.Trainer(
         max_steps=2,

@@ -1,7 +1,6 @@
 """Edit metrics on rendered ShapeWorld pairs with known answers; LPIPS and CLIP on tiny random
 networks from local files; 2 gloo processes compute what one process computes."""
 
-import json
 import math
 import socket
 import time
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
+from helpers import save_tiny_clip
 
 from lit_grpo.datamodules.shapeworld import Edit, ShapeWorld, apply_edit, render
 from lit_grpo.metrics import (
@@ -301,22 +301,11 @@ def test_edit_metrics_share_the_lpips_network_across_tasks_and_keep_it_out_of_ch
 
 # --- CLIP score -----------------------------------------------------------------------------
 
-TINY_CLIP = {  # 1.7M parameters; the vocabulary of open_clip's bundled tokenizer
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 def test_clip_score_of_a_tiny_random_model_from_local_files(tmp_path, offline):
     import open_clip
 
-    config = tmp_path / "lit-grpo-tiny-clip.json"
-    config.write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    net = open_clip.CLIP(**TINY_CLIP)
-    weights = tmp_path / "tiny_clip.pt"
-    torch.save(net.state_dict(), weights)
+    config, weights, net = save_tiny_clip(tmp_path)
 
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         CLIPScore(str(config), str(tmp_path / "missing.bin"))

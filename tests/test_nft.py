@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import store_client
 from test_cli import GRPO_TINY, ROOT
 
 from lit_grpo.cli import run_cli
@@ -132,7 +133,6 @@ def test_kl_term_against_the_reference_by_hand():
 
 
 def test_nft_fit_through_cli_trains_lora(in_tmp):
-    import mlflow
 
     config = str(ROOT / "configs/nft.yaml")
     args = [*GRPO_TINY, "--model.init_args.strategy.init_args.steps=[0, 3]"]
@@ -140,7 +140,7 @@ def test_nft_fit_through_cli_trains_lora(in_tmp):
     lora = {n: p for n, p in cli.model.named_parameters() if "lora_" in n}
     initial = dict(run_cli(["--config", config, *args], run=False).model.named_parameters())
     assert lora and all(not torch.equal(p.detach(), initial[n].detach()) for n, p in lora.items())
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("shapeworld-nft").experiment_id])
     for key in ("train/loss", "train/approx_kl", "reward/total", "val/reward"):
         assert key in run.data.metrics, key

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shapeworld_batch, tiny_module
 from test_failures import TINY_GRPO, RaisingReward
-from test_grpo import make_batch, make_module
 from test_user_errors import error_of
 
 from lit_grpo.__main__ import main
@@ -77,11 +77,11 @@ def test_a_fit_with_overlapped_scoring_trains_exactly_as_the_serial_chunks(in_tm
 
 
 def test_the_rewards_of_a_chunk_run_in_the_worker_while_the_next_chunk_samples():
-    module = make_module([TranslationReward()], score_chunk=1, overlap_scoring=True)
+    module = tiny_module([TranslationReward()], score_chunk=1, overlap_scoring=True)
     counting(module.policy)
     watcher = WatchingReward(module.policy, seconds=0.3)
     module.scorer.rewards[0] = watcher
-    batch = make_batch(3)
+    batch = shapeworld_batch(3)
     record, scores, _ = rollouts(module, batch, 1, overlap=True)
     threads = [name for name, _ in watcher.seen]
     assert len(threads) == 3 and all(t.startswith("lit_grpo-rewards") for t in threads)
@@ -117,20 +117,20 @@ class NotingReward(TranslationReward):
 def test_the_worker_scores_under_the_training_thread_s_autocast_and_no_grad():
     """Autocast and grad mode are per thread in torch: the worker takes the training
     thread's (the Trainer's bf16-mixed autocast wraps training_step), as serial scoring does."""
-    module = make_module([NotingReward()], score_chunk=1, overlap_scoring=True)
+    module = tiny_module([NotingReward()], score_chunk=1, overlap_scoring=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rollouts(module, make_batch(2), 1, overlap=True)
+        rollouts(module, shapeworld_batch(2), 1, overlap=True)
     assert module.scorer.rewards[0].seen == [(True, False)] * 2
     module.scorer.rewards[0].seen.clear()
-    rollouts(module, make_batch(2), 1, overlap=True)
+    rollouts(module, shapeworld_batch(2), 1, overlap=True)
     assert module.scorer.rewards[0].seen == [(False, False)] * 2
 
 
 def test_a_reward_error_in_the_worker_is_the_serial_path_s_one_line():
-    batch = make_batch(2)
+    batch = shapeworld_batch(2)
     messages = []
     for overlap in (False, True):
-        module = make_module([RaisingReward()], score_chunk=1, overlap_scoring=overlap)
+        module = tiny_module([RaisingReward()], score_chunk=1, overlap_scoring=overlap)
         with pytest.raises(RewardFailed) as err:
             rollouts(module, batch, 1, overlap)
         messages.append(str(err.value))
@@ -160,11 +160,11 @@ def test_overlap_without_chunks_is_refused_in_one_line(in_tmp, capsys):
         "scored (e.g. model.init_args.score_chunk: 1)"
     )
     with pytest.raises(ValueError, match="score_chunk must be >= 1"):
-        make_module([TranslationReward()], score_chunk=0)
+        tiny_module([TranslationReward()], score_chunk=0)
 
 
 def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
-    module = make_module([TranslationReward()], score_chunk=1)
+    module = tiny_module([TranslationReward()], score_chunk=1)
     encode = module.policy.encode_condition
 
     def ragged(source, instructions):  # text padded to the chunk's longest, as Qwen's is
@@ -176,8 +176,8 @@ def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
 
     module.policy.encode_condition = ragged
     with pytest.raises(ConfigError) as err:
-        rollouts(module, make_batch(2), 1, overlap=False)
-    l_tokens, width = encode(make_batch(1)["source"], ["x"]).text.shape[1:]  # fixed length
+        rollouts(module, shapeworld_batch(2), 1, overlap=False)
+    l_tokens, width = encode(shapeworld_batch(1)["source"], ["x"]).text.shape[1:]  # fixed length
     assert str(err.value) == (
         f"score_chunk: TinyEditPolicy encodes chunk 2's condition.text as "
         f"({l_tokens + 2}, {width}) per row, chunk 1's as ({l_tokens + 1}, {width}) (it pads "
@@ -186,7 +186,7 @@ def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
 
 
 def test_chunks_split_conditions_and_scores_join_in_order():
-    batch = make_batch(3)
+    batch = shapeworld_batch(3)
     chunks = condition_chunks(batch, 2)
     assert [c["source"].shape[0] for c in chunks] == [2, 1]
     assert [len(c["instruction"]) for c in chunks] == [2, 1]

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
+from helpers import lora_params, moved, quiet_trainer, shapeworld_batch, tiny_data
+from helpers import tiny_module as tiny_grpo_module
 
-from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import NeighborRCGRPOModule, RCGRPOModule
 from lit_grpo.objectives import LossInputs, NeighborGRPO, PolicyTargets
 from lit_grpo.objectives.flow_grpo import group_advantages
 from lit_grpo.objectives.neighbor import neighbor_log_probs, quasi_norm_advantages
 from lit_grpo.perception import ColourSegmenter
 from lit_grpo.perception.geometry import edit_region
-from lit_grpo.policies import LoraSettings, TinyEditPolicy
 from lit_grpo.rewards import (
     AttentionConcentrationReward,
     BackgroundReward,
@@ -72,8 +72,7 @@ def test_perturbation_one_draws_independent_noise_inside_and_sde_noise_is_masked
 @pytest.mark.parametrize("task", ["translate", "rotate", "scale"])
 def test_edit_region_from_the_source_detection_covers_the_true_target(task):
     n = 120
-    data = ShapeWorld("val", n, 32, (task,), seed=3)
-    batch = torch.utils.data.default_collate([data[i] for i in range(n)])
+    batch = shapeworld_batch(n, 32, (task,), "val", seed=3)
     before = ColourSegmenter()(batch["source"], batch["object"])  # what a reward sees
     region = edit_region(before, batch["task"], batch["direction"], batch["factor"], (32, 32))
     after = batch["mask_after"]
@@ -149,18 +148,9 @@ def test_quasi_norm_advantages_hand_values_and_p2_is_the_group_z_score():
 
 
 def tiny_module(cls, **kw):
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():  # open adaLN-Zero's gates, as training would
-        torch.nn.init.normal_(p, std=0.1)
+    """The tiny `cls` stage with the translation, background and attention rewards."""
     rewards = [TranslationReward(), BackgroundReward(), AttentionConcentrationReward()]
-    kw = {"lora": LoraSettings(rank=4, alpha=4), "group_size": 4, "sample_steps": 4, **kw}
-    return cls(policy, rewards, eval_steps=2, **kw)
-
-
-def batch(n=2):
-    data = ShapeWorld("train", n, 16, ("translate",))
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
+    return tiny_grpo_module(rewards, cls=cls, **kw)
 
 
 def test_batch_regions_segment_each_batch_once():
@@ -173,7 +163,7 @@ def test_batch_regions_segment_each_batch_once():
         return ColourSegmenter()(source, objects)
 
     regions = BatchRegions(lambda before, b: before.mask)
-    first, second = batch(), batch(3)
+    first, second = shapeworld_batch(), shapeworld_batch(3)
     before, region = regions(segmenter, first)
     again, same = regions(segmenter, first)
     assert len(calls) == 1 and again is before and same is region
@@ -184,7 +174,7 @@ def test_batch_regions_segment_each_batch_once():
 
 def test_rc_module_samples_in_the_region_and_rewards_see_attention():
     module = tiny_module(RCGRPOModule)
-    b = batch()
+    b = shapeworld_batch()
     record = module.sample(b, torch.Generator().manual_seed(0))
     assert record.regions.shape == (8, 16, 16) and record.attention.shape == (8, 16, 4, 4)
     _, region = module.regions(module.scorer.segmenter, b)
@@ -207,7 +197,7 @@ def test_rc_module_samples_in_the_region_and_rewards_see_attention():
 
 def test_neighbor_module_rolls_out_ode_and_its_first_ratio_is_one():
     module = tiny_module(NeighborRCGRPOModule, anchors=2, temperature=0.01)
-    b = batch()
+    b = shapeworld_batch()
     record = module.sample(b, torch.Generator().manual_seed(0))
     assert record.log_prob_elements is None and record.num_trained_steps == 4
     # outside the region the group starts from one draw; inside, from its neighbours
@@ -223,8 +213,11 @@ def test_neighbor_module_rolls_out_ode_and_its_first_ratio_is_one():
     )
     assert stats.ratio.item() == pytest.approx(1.0, abs=1e-4)
     loss.backward()
-    grads = [p.grad for n, p in module.named_parameters() if "lora_" in n]
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    grads = {n: p.grad for n, p in module.named_parameters() if "lora_" in n}
+    # LoRA starts at B = 0: the loss reaches every B, and no A (its gradient is B^T (...) = 0)
+    assert all(torch.count_nonzero(g) == 0 for n, g in grads.items() if "lora_A" in n)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert len(grads) == 12  # A and B of q, k, v, out, ff_in, ff_out
 
 
 class _OneStepRecord:
@@ -264,23 +257,12 @@ def test_neighbor_loss_is_the_clipped_surrogate_over_each_anchors_group():
 
 @pytest.mark.parametrize("cls", [RCGRPOModule, NeighborRCGRPOModule])
 def test_both_paths_train_every_lora_parameter(cls):
-    import lightning as L
-
-    from lit_grpo.datamodules import ShapeWorldDataModule
-
     kw = {"strategy": ODETrajectory()} if cls is NeighborRCGRPOModule else {}
     module = tiny_module(cls, **kw)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
-    trainer = L.Trainer(
-        max_steps=2, limit_train_batches=2, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    data = ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=4)
-    trainer.fit(module, data)
-    after = dict(module.named_parameters())
-    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
-    assert len(changed) == len(before)
+    before = lora_params(module)
+    trainer = quiet_trainer(max_steps=2, limit_train_batches=2, max_epochs=1)
+    trainer.fit(module, tiny_data())
+    assert len(moved(before, module)) == len(before)
     assert "reward/attention_concentration" in trainer.logged_metrics
 
 

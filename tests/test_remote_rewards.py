@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import store_client
 from safetensors.torch import save
 from test_failures import TINY_GRPO
 from test_user_errors import error_of
@@ -191,7 +192,6 @@ def test_a_server_killed_mid_run_gives_nan_rollouts_then_stops_the_run(caplog):
 def test_a_server_killed_mid_fit_ends_the_cli_in_one_line_naming_the_url(in_tmp, capsys):
     """The server dies after scoring 2 batches: the next batch trains nothing (NaN), the one
     after stops the run with exit 1 and one line; the MLflow run is FAILED."""
-    import mlflow
 
     with serve_rewards_process() as (url, proc):
 
@@ -222,7 +222,7 @@ def test_a_server_killed_mid_fit_ends_the_cli_in_one_line_naming_the_url(in_tmp,
         f"lit_grpo fit: error: RemoteReward: the reward server at {url} gave no scores for 2 "
         "batches in a row (max_failures=2; last: "
     )
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
     )

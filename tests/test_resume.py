@@ -11,10 +11,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import lora_params, quiet_trainer, store_client, tiny_data, tiny_module
 
 from lit_grpo.callbacks import ModelCheckpoint
 from lit_grpo.callbacks.checkpoint import AtomicCheckpointIO
-from lit_grpo.datamodules import ShapeWorldDataModule
 from lit_grpo.datamodules.resumable import EpochSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,22 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 
 
-def tiny_module():
-    from test_grpo import make_module
-
+def resumable_module():
     # minibatches=2: the update shuffles its rows, a draw the checkpoint must also hold
-    return make_module(group_size=3, sample_steps=3, minibatches=2)
+    return tiny_module(group_size=3, sample_steps=3, minibatches=2)
 
 
-def tiny_data():
-    return ShapeWorldDataModule(resolution=16, batch_size=2, tasks=["translate"], train_size=8)
+def resumable_data():
+    return tiny_data(train_size=8)
 
 
 def train(root: Path, steps: int, ckpt_path: str | None = None, callbacks=()) -> dict:
     """Fit the tiny GRPO module to `steps` (from `ckpt_path` if given); its LoRA weights."""
-    from test_grpo import lora_params, quiet_trainer
-
-    module = tiny_module()
+    module = resumable_module()
     checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
     trainer = quiet_trainer(
         max_steps=steps,
@@ -46,7 +42,7 @@ def train(root: Path, steps: int, ckpt_path: str | None = None, callbacks=()) ->
         default_root_dir=root,
         callbacks=[checkpoint, *callbacks],
     )
-    trainer.fit(module, tiny_data(), ckpt_path=ckpt_path)
+    trainer.fit(module, resumable_data(), ckpt_path=ckpt_path)
     assert trainer.global_step == steps and module.iteration == steps
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # our ModelCheckpoint's
     return lora_params(module)
@@ -108,8 +104,8 @@ import torch
 torch.set_num_threads({threads})  # as the test process: another count sums in another order
 from lit_grpo.callbacks import ModelCheckpoint
 from lit_grpo.callbacks.checkpoint import AtomicCheckpointIO
-from test_resume import tiny_data, tiny_module
-from test_grpo import quiet_trainer
+from helpers import quiet_trainer
+from test_resume import resumable_data, resumable_module
 
 class KilledAfterSaving(ModelCheckpoint):
     def on_train_batch_end(self, trainer, *args):
@@ -120,7 +116,7 @@ class KilledAfterSaving(ModelCheckpoint):
 checkpoint = KilledAfterSaving(dirpath={root!r}, save_last=True, every_n_train_steps={kill_at})
 trainer = quiet_trainer(max_steps={steps}, max_epochs=-1, enable_checkpointing=True,
                         default_root_dir={root!r}, callbacks=[checkpoint])
-trainer.fit(tiny_module(), tiny_data())
+trainer.fit(resumable_module(), resumable_data())
 print("NOT KILLED")
 """
 
@@ -173,7 +169,6 @@ def test_a_checkpoint_write_interrupted_midway_leaves_the_previous_one_whole(tmp
 
 def test_sigint_finishes_the_step_saves_last_ckpt_and_stops(tmp_path):
     from helpers import PlainModule, SignalAt, plain_loader
-    from test_grpo import quiet_trainer
 
     from lit_grpo.callbacks import StopOnSignal
 
@@ -194,7 +189,6 @@ def test_sigint_finishes_the_step_saves_last_ckpt_and_stops(tmp_path):
 
 
 def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_killed(in_tmp):
-    import mlflow
     from test_cli import GRPO_TINY
 
     callback = '{"class_path": "helpers.SignalAt", "init_args": {"step": 2, "signum": 15}}'
@@ -214,7 +208,7 @@ def test_sigterm_to_a_grpo_fit_saves_last_ckpt_exits_143_and_marks_the_run_kille
     assert "Traceback" not in out.stderr and "SIGTERM: stopped after step 2" in out.stderr
     (last,) = (in_tmp / "runs").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("shapeworld-talk2move").experiment_id]
     )
@@ -256,7 +250,6 @@ def test_ckpt_path_last_finds_the_newest_last_ckpt_of_the_experiment_or_says_non
 
 
 def test_a_resumed_fit_continues_its_mlflow_run(in_tmp):
-    import mlflow
     from test_cli import TINY
     from test_user_errors import SFT
 
@@ -270,7 +263,7 @@ def test_a_resumed_fit_continues_its_mlflow_run(in_tmp):
         ["fit", "--config", SFT, *TINY, "--trainer.max_steps=4", f"--ckpt_path={last}"]
     )
     assert resumed.trainer.logger.run_id == run_id
-    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db")
+    client = store_client(in_tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("shapeworld-sft").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]

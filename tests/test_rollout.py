@@ -3,10 +3,10 @@ builders, float32 transitions under bf16 latents, attention maps; what rewards m
 
 import pytest
 import torch
+from helpers import tiny_policy
 
 from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.objectives.flow_grpo import clipped_policy_loss, kl_to_reference
-from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import EditSpec, Scorer, TranslationReward
 from lit_grpo.rewards.base import Reward, RewardFailed, RewardOutput
 from lit_grpo.sampling.noise import IndependentNoise, NoiseBuilder, SharedInitialNoise
@@ -20,22 +20,19 @@ def conditions(n=2, resolution=32):
     return torch.utils.data.default_collate([data[i] for i in range(n)])
 
 
-def tiny_policy(open_gates=False):
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    if open_gates:  # adaLN-Zero starts with closed gates: the velocity would be 0 everywhere
-        for p in policy.parameters():
-            torch.nn.init.normal_(p, std=0.1)
-    return policy
-
-
 def sample(strategy, policy=None, noise=None, seed=7, **kw):
     batch = conditions()
     sampler = RolloutSampler(steps=6, noise=noise)
     plan = strategy.plan(6)
     gen = torch.Generator().manual_seed(seed)
     return sampler(
-        policy or tiny_policy(), batch["source"], batch["instruction"], 3, plan, gen, **kw
+        policy or tiny_policy(open_gates=False),
+        batch["source"],
+        batch["instruction"],
+        3,
+        plan,
+        gen,
+        **kw,
     )
 
 
@@ -82,7 +79,7 @@ def test_per_element_log_probs_reduce_to_the_per_sample_values():
     assert torch.allclose(record.log_probs("sum"), elements.flatten(2).sum(2))
     # each stored step is what an SDE step scores for that transition, element by element
     k, s = 2, record.sigmas
-    policy = tiny_policy()
+    policy = tiny_policy(open_gates=False)
     v = policy.velocity(record.states[:, k], s[k].expand(6), record.condition)
     again = sde_step(
         record.states[:, k], v, s[k], record.sigma_next[k], 1.0,
@@ -148,7 +145,7 @@ def test_attention_maps_are_recorded_when_asked():
     # 6 rollouts, 16 instruction tokens, the 8 x 8 token grid of a 32 px image (patch 4)
     assert record.attention.shape == (6, 16, 8, 8)
     batch = conditions()
-    ids, mask = tiny_policy().tokenizer(batch["instruction"])
+    ids, mask = tiny_policy(open_gates=False).tokenizer(batch["instruction"])
     mask = mask.repeat_interleave(3, 0)
     sums = record.attention.flatten(2).sum(-1)
     assert (sums[~mask] == 0).all()  # padding tokens carry no map

@@ -4,17 +4,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_data
 from PIL import Image
 
 from lit_grpo.callbacks import LoraExporter, RolloutImageLogger
 from lit_grpo.callbacks.rollout_images import rollout_grid
-from lit_grpo.datamodules import ShapeWorldDataModule
 
 
 def data(batches=2):
-    return ShapeWorldDataModule(
-        resolution=16, batch_size=2, tasks=["translate"], train_size=2 * batches, val_size=2
-    )
+    return tiny_data(train_size=2 * batches, val_size=2)
 
 
 def test_rollout_grid_layout_and_reward_colours():
@@ -43,7 +41,7 @@ def test_rollout_grid_layout_and_reward_colours():
 
 def test_rollout_logger_writes_images_to_mlflow(tmp_path, monkeypatch):
     import mlflow
-    from test_grpo import make_module, quiet_trainer
+    from helpers import quiet_trainer, tiny_module
 
     from lit_grpo.loggers import MLflowLogger
 
@@ -57,7 +55,7 @@ def test_rollout_logger_writes_images_to_mlflow(tmp_path, monkeypatch):
         logger=logger,
         callbacks=[RolloutImageLogger(every_n_steps=2, max_conditions=2, scale=2)],
     )
-    trainer.fit(make_module(), data())
+    trainer.fit(tiny_module(), data())
     client = mlflow.MlflowClient(uri)
     images = [a.path for a in client.list_artifacts(logger.run_id, "images")]
     # logged at steps 0 and 2 (not 1): one PNG per logged step
@@ -69,8 +67,7 @@ def test_rollout_logger_writes_images_to_mlflow(tmp_path, monkeypatch):
 
 
 def test_rollout_logger_names_the_missing_protocol(tmp_path):
-    from helpers import PlainModule, plain_loader
-    from test_grpo import quiet_trainer
+    from helpers import PlainModule, plain_loader, quiet_trainer
 
     with pytest.raises(TypeError, match="rollout"):
         quiet_trainer(max_steps=1, callbacks=[RolloutImageLogger()]).fit(
@@ -79,13 +76,13 @@ def test_rollout_logger_names_the_missing_protocol(tmp_path):
 
 
 def test_lora_exporter_writes_each_checkpoint_and_loads_back(tmp_path):
+    from helpers import quiet_trainer, tiny_module
     from safetensors import safe_open
-    from test_grpo import make_module, quiet_trainer
 
     from lit_grpo.policies import LoraSettings, TinyEditPolicy
     from lit_grpo.policies.lora import load_lora
 
-    module = make_module()
+    module = tiny_module()
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True
     )

@@ -2,21 +2,30 @@
 
 import pytest
 import torch
+from helpers import shapeworld_batch, tiny_module
 from torch import Tensor
 
-from lit_grpo.datamodules.shapeworld import ShapeWorld
 from lit_grpo.modules import SpatialFlowGRPOModule
 from lit_grpo.objectives import LossInputs
 from lit_grpo.objectives.flow_grpo import kl_to_reference
 from lit_grpo.objectives.spatialflow import region_mean, region_weighted_loss, token_credit
 from lit_grpo.perception import ColourSegmenter
-from lit_grpo.policies import LoraSettings, TinyEditPolicy
+from lit_grpo.policies import TinyEditPolicy
 from lit_grpo.rewards import RegionReward, Scorer, TranslationReward
 
 
 def scenes(n=8):
-    data = ShapeWorld("test", n, 32, ("translate",), objects=(2, 3))
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
+    return shapeworld_batch(n, 32, ("translate",), "test", objects=(2, 3))
+
+
+def tiny_spatialflow(**kw):
+    """The tiny SpatialFlow-GRPO stage with the region reward of the translation reward."""
+    return tiny_module([RegionReward([TranslationReward()])], cls=SpatialFlowGRPOModule, **kw)
+
+
+def two_scenes():
+    """Two training scenes of 2 or 3 objects (16 px)."""
+    return shapeworld_batch(2, objects=(2, 3))
 
 
 def test_region_weighted_loss_by_hand():
@@ -161,20 +170,7 @@ def test_region_reward_on_exact_edits_partitions_and_scores_regions():
 
 
 def test_spatialflow_targets_are_each_regions_group_advantages_and_cover():
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():  # open adaLN-Zero's gates, as training would
-        torch.nn.init.normal_(p, std=0.1)
-    module = SpatialFlowGRPOModule(
-        policy,
-        [RegionReward([TranslationReward()])],
-        lora=LoraSettings(rank=4, alpha=4),
-        group_size=4,
-        sample_steps=4,
-        eval_steps=2,
-    )
-    data = ShapeWorld("train", 2, 16, ("translate",), objects=(2, 3))
-    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
+    module, batch = tiny_spatialflow(), two_scenes()
     record = module.sample(batch, torch.Generator().manual_seed(0))
     scores = module.scorer(record.images, batch, 4)
     adv, targets = module.advantages(scores, record)
@@ -192,19 +188,10 @@ def test_spatialflow_targets_are_each_regions_group_advantages_and_cover():
 def kl_setup(**module_kwargs):
     """A tiny SpatialFlow module whose adapter is off the reference, one rollout batch of it,
     its targets and every row."""
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=1, heads=2)
-    for p in policy.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    kwargs = dict(lora=LoraSettings(rank=4, alpha=4), group_size=4, sample_steps=4, eval_steps=2)
-    module = SpatialFlowGRPOModule(
-        policy, [RegionReward([TranslationReward()])], **module_kwargs, **kwargs
-    )
+    module, batch = tiny_spatialflow(**module_kwargs), two_scenes()
     for name, p in module.policy.named_parameters():  # move the adapter off the reference
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=1.0)
-    data = ShapeWorld("train", 2, 16, ("translate",), objects=(2, 3))
-    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     record = module.sample(batch, torch.Generator().manual_seed(0))
     _, targets = module.advantages(module.scorer(record.images, batch, 4), record)
     rows = torch.arange(len(record))

@@ -35,9 +35,9 @@ def test_early_exit_plan():
 
 
 def test_early_exit_rollout_stops_at_k_and_trains_k_steps():
-    from test_grpo import make_batch, make_module
+    from helpers import shapeworld_batch, tiny_module
 
-    module = make_module(strategy=EarlyExit(exit_step=2), sample_steps=6)
+    module = tiny_module(strategy=EarlyExit(exit_step=2), sample_steps=6)
     calls = []
     velocity = module.policy.velocity
 
@@ -46,7 +46,7 @@ def test_early_exit_rollout_stops_at_k_and_trains_k_steps():
         return velocity(*args, **kw)
 
     module.policy.velocity = counting
-    rollout = module.sample(make_batch(), torch.Generator().manual_seed(0))
+    rollout = module.sample(shapeworld_batch(), torch.Generator().manual_seed(0))
     assert len(calls) == 3  # 2 SDE steps + the shortcut evaluation
     assert rollout.states.shape[1] == 2 and rollout.log_probs().shape == (8, 2)
     assert rollout.images.min() >= 0 and rollout.images.max() <= 1

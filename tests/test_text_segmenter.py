@@ -1,12 +1,12 @@
 """SamClipSegmenter's mechanics with tiny random SAM and open_clip models, and the
 orientation estimators on synthetic masks with known angles."""
 
-import json
 import math
 from functools import partial
 
 import pytest
 import torch
+from helpers import TINY_CLIP, save_tiny_clip
 
 from lit_grpo.checks import ConfigError
 from lit_grpo.datamodules.shapeworld import Scene, Shape, render
@@ -15,11 +15,6 @@ from lit_grpo.perception.orientation import mask_moments
 from lit_grpo.perception.segmenters import Segmenter
 from lit_grpo.perception.text_segmenter import ClipCropScorer, load_clip_scorer, load_sam
 
-TINY_CLIP = {  # FACTS.md: 1.7M parameters, the bundled tokenizer's vocabulary
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 GREY = (0.5, 0.5, 0.5)
 
 
@@ -184,21 +179,14 @@ def test_loaders_name_missing_files_and_refuse_bad_ones(tmp_path, monkeypatch):
 
 
 def test_the_path_constructor_loads_local_weights_into_built_models(tmp_path, monkeypatch):
-    import open_clip
     import segment_anything
 
     sam = tiny_sam()
     torch.save(sam.state_dict(), tmp_path / "sam.pth")
-    torch.manual_seed(1)
-    clip = open_clip.CLIP(**TINY_CLIP)
-    torch.save(clip.state_dict(), tmp_path / "clip.pt")
-    config = tmp_path / "lit-grpo-tiny-clip-seg.json"
-    config.write_text(json.dumps(TINY_CLIP))
+    config, weights, clip = save_tiny_clip(tmp_path, "lit-grpo-tiny-clip-seg.json", seed=1)
     # the registry's builders make full-size models: a tiny one stands in for vit_b
     monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", tiny_sam)
-    seg = SamClipSegmenter(
-        str(tmp_path / "sam.pth"), str(tmp_path / "clip.pt"), clip_model=str(config)
-    )
+    seg = SamClipSegmenter(str(tmp_path / "sam.pth"), weights, clip_model=config)
     for name, value in sam.state_dict().items():
         assert torch.equal(seg.sam.state_dict()[name], value)
     for name, value in clip.state_dict().items():

@@ -6,23 +6,19 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import (
+    Brightness,
+    ConstantReward,
+    quiet_trainer,
+    shapeworld_batch,
+    tiny_data,
+    tiny_module,
+    tiny_policy,
+)
 
 from lit_grpo.callbacks import ThroughputMonitor
-from lit_grpo.datamodules import ShapeWorldDataModule
-from lit_grpo.datamodules.shapeworld import ShapeWorld
-from lit_grpo.modules import GRPOModule
 from lit_grpo.perception.detections import Detections
-from lit_grpo.policies import LoraSettings, TinyEditPolicy
-from lit_grpo.rewards import Reward, RewardOutput, TranslationReward
-
-
-class Brightness(Reward):
-    """Mean intensity of the edit: computed on the device, always spread within a group."""
-
-    name = "brightness"
-
-    def forward(self, inputs):
-        return RewardOutput(inputs.images.float().mean((1, 2, 3)))
+from lit_grpo.rewards import TranslationReward
 
 
 class EverywhereSegmenter:
@@ -43,36 +39,17 @@ class EverywhereSegmenter:
 
 
 def make_module(rewards=None, segmenter=None, checkpointing=False, **kw):
-    torch.manual_seed(0)
-    policy = TinyEditPolicy(width=32, depth=2, heads=2, activation_checkpointing=checkpointing)
-    for p in policy.parameters():  # open the adaLN-Zero gates, as training would
-        torch.nn.init.normal_(p, std=0.1)
-    kw = {"lora": LoraSettings(rank=4, alpha=4), "group_size": 4, "sample_steps": 3, **kw}
-    return GRPOModule(policy, rewards or [TranslationReward()], segmenter=segmenter, **kw)
-
-
-def make_batch(n=2):
-    data = ShapeWorld("train", n, 16, ("translate",))
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
+    """The tiny GRPO stage on a 2-block policy, 3 sampling steps, the translation reward."""
+    policy = tiny_policy(depth=2, activation_checkpointing=checkpointing)
+    rewards = rewards or [TranslationReward()]
+    return tiny_module(
+        rewards=rewards, policy=policy, segmenter=segmenter, **{"sample_steps": 3, **kw}
+    )
 
 
 def fit(module, steps=1, callbacks=(), **trainer_kw):
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **trainer_kw,
-    )
-    data = ShapeWorldDataModule(
-        resolution=16, batch_size=2, tasks=["translate"], train_size=4, val_size=2
-    )
-    trainer.fit(module, data)
+    trainer = quiet_trainer(max_steps=steps, max_epochs=10, callbacks=list(callbacks), **trainer_kw)
+    trainer.fit(module, tiny_data(val_size=2))
     return trainer
 
 
@@ -91,7 +68,7 @@ class GradientRecorder(L.Callback):
 
 # --- micro-batching ------------------------------------------------------------------------
 def test_micro_batched_sampling_draws_the_same_rollouts():
-    batch = make_batch()
+    batch = shapeworld_batch()
     whole = make_module().sample(batch, torch.Generator().manual_seed(3))
     module = make_module(micro_batch_size=3)  # 8 rollouts in chunks of 3, 3, 2
     rows = []
@@ -146,7 +123,7 @@ def _loss_and_grads(policy, batch):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradient_with_less_kept():
-    batch = make_batch()
+    batch = shapeworld_batch()
     plain = make_module().policy
     ckpt = make_module(checkpointing=True).policy
     assert ckpt.checkpointing_activations and not plain.checkpointing_activations
@@ -256,19 +233,10 @@ def test_a_grpo_step_reads_one_value_back_from_the_device_until_it_logs(monkeypa
     assert m["train/optimizer_steps"].item() == 4.0  # the device-side steps were taken
 
 
-class Constant(Reward):
-    """The same reward for every edit: every group has zero spread, nothing can train."""
-
-    name = "constant"
-
-    def forward(self, inputs):
-        return RewardOutput(inputs.images.new_ones(inputs.images.shape[0]))
-
-
 def test_an_iteration_with_nothing_to_train_runs_no_update_pass():
     """Every group zero-spread on every step: no forward with grad, no backward, and
     neither the optimiser nor the LR schedule steps (the warm-up is not used up)."""
-    module = make_module([Constant()], segmenter=EverywhereSegmenter(), minibatches=2)
+    module = make_module([ConstantReward()], segmenter=EverywhereSegmenter(), minibatches=2)
     with_grad = []
     velocity = module.policy.velocity
     module.policy.velocity = lambda *a: with_grad.append(torch.is_grad_enabled()) or velocity(*a)

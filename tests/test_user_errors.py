@@ -51,13 +51,13 @@ def test_bad_arguments_are_refused_in_one_line(in_tmp, capsys, config, arg, mess
 
 
 def test_exit_step_past_the_schedule_is_refused_by_the_module():
-    from test_grpo import make_module
+    from helpers import tiny_module
 
     from lit_grpo.sampling.strategies import EarlyExit
 
     with pytest.raises(ValueError, match="exit_step 20 is past .* sample_steps=10"):
-        make_module(strategy=EarlyExit(exit_step=20), sample_steps=10)
-    make_module(strategy=EarlyExit(exit_step=9), sample_steps=10)  # the last step is fine
+        tiny_module(strategy=EarlyExit(exit_step=20), sample_steps=10)
+    tiny_module(strategy=EarlyExit(exit_step=9), sample_steps=10)  # the last step is fine
 
 
 def fake_checkpoint(path: Path, module: str) -> Path:

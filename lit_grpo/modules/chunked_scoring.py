@@ -36,6 +36,17 @@ from lit_grpo.rewards.scoring import Scores
 from lit_grpo.sampling.rollout import RolloutRecord
 
 
+def check_chunking(score_chunk: int | None, overlap_scoring: bool) -> None:
+    """Refuse, at construction, a chunk size below 1 and overlap without chunks."""
+    if score_chunk is not None and score_chunk < 1:
+        raise ValueError(f"score_chunk must be >= 1 (or None), got {score_chunk}")
+    if overlap_scoring and score_chunk is None:
+        raise ValueError(
+            "overlap_scoring needs score_chunk: the conditions sampled while the previous "
+            "ones are scored (e.g. model.init_args.score_chunk: 1)"
+        )
+
+
 def condition_chunks(batch: dict, size: int | None) -> list[dict]:
     """`batch` (B conditions) split into consecutive chunks of at most `size` conditions:
     every tensor and list of B rows is sliced, anything else kept."""

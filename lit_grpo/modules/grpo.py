@@ -15,9 +15,9 @@ and `InstructRL4PixModule` are presets of them. Rewards of all ranks are gathere
 the advantages; zero-spread groups and non-finite rewards are counted and skipped, and runs
 that train nothing stop, saying why (`lit_grpo.modules.stalls`).
 
-Host syncs: none from the first policy call to `_log_step` but one, between the rewards
-and the update: whether any row of any rank trains (an iteration with nothing to train runs
-no forward or backward pass). `trainer.global_step` counts GRPO iterations.
+Host syncs: none from the first policy call to the step's logging (`statistics.log_step`)
+but one, between the rewards and the update: whether any row of any rank trains (an
+iteration with nothing to train runs no forward or backward pass). `trainer.global_step` counts GRPO iterations.
 
 With `score_chunk`, the step samples and scores its conditions a chunk at a time, and with
 `overlap_scoring` the rewards of one chunk run in a background thread while the next chunk
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from lit_grpo.metrics import EditMetrics
 from lit_grpo.modules import training_state
-from lit_grpo.modules.chunked_scoring import sample_and_score
+from lit_grpo.modules.chunked_scoring import check_chunking, sample_and_score
 from lit_grpo.modules.evaluation import evaluate_grpo_edits
 from lit_grpo.modules.phases import PhaseClock, announce_phase
 from lit_grpo.modules.regions import Regions
@@ -44,8 +44,8 @@ from lit_grpo.modules.rollout_memory import check_first_rollouts
 from lit_grpo.modules.sharding import ShardingSettings
 from lit_grpo.modules.stage import PolicyStage
 from lit_grpo.modules.stalls import Stalls
-from lit_grpo.modules.statistics import step_statistics
-from lit_grpo.modules.update import UpdateLoop
+from lit_grpo.modules.statistics import log_step
+from lit_grpo.modules.update import UpdateLoop, adamw_with_warmup
 from lit_grpo.objectives import Advantages, FlowGRPO, Objective, PolicyTargets, Ranks
 from lit_grpo.perception.segmenters import ColourSegmenter, Segmenter
 from lit_grpo.policies.base import EditPolicy
@@ -132,13 +132,7 @@ class GRPOModule(PolicyStage):
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         if isinstance(strategy, EarlyExit):
             strategy.check_schedule(sample_steps)
-        if score_chunk is not None and score_chunk < 1:
-            raise ValueError(f"score_chunk must be >= 1 (or None), got {score_chunk}")
-        if overlap_scoring and score_chunk is None:
-            raise ValueError(
-                "overlap_scoring needs score_chunk: the conditions sampled while the previous "
-                "ones are scored (e.g. model.init_args.score_chunk: 1)"
-            )
+        check_chunking(score_chunk, overlap_scoring)
         objective = objective or FlowGRPO()
         if lora is None and objective.kl_beta > 0:
             raise ValueError(
@@ -259,7 +253,8 @@ class GRPOModule(PolicyStage):
                     self, self.objective, self.sampler, record, targets, self.generator
                 )
             clock.announce(self._trainer, "idle")
-        self._log_step(batch, scores, adv, stats, clock, skipped)
+        log_step(self, batch, scores, adv, stats, clock)
+        self.stalls.update(skipped, scores, stats, self.gather, self.iteration, self.global_step)
         self.iteration += 1
         training_state.count_iteration(self._trainer)
         # for callbacks (lit_grpo.callbacks.RolloutImageLogger); Lightning detaches nothing here
@@ -270,24 +265,6 @@ class GRPOModule(PolicyStage):
         """Images one training step samples on this device (B x G): what
         `lit_grpo.callbacks.ThroughputMonitor` counts."""
         return batch["source"].shape[0] * self.hparams.group_size
-
-    def _log_step(
-        self, batch: dict, scores: Scores, adv: Advantages, stats: dict, clock, skipped: bool
-    ) -> None:
-        """Log the step: where its statistics are read back from the device."""
-        log = step_statistics(scores, adv)
-        log.update({f"train/{k}": v for k, v in stats.items()})
-        timings = {"update": 0.0, **clock.seconds()}  # a skipped update took no time
-        log.update({f"time/{k}": v for k, v in timings.items()})
-        n_cond = batch["source"].shape[0]
-        self.log_dict(log, batch_size=n_cond)
-        self.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
-        self.stalls.update(skipped, scores, stats, self.gather, self.iteration, self.global_step)
-
-    @property
-    def nonfinite_in_a_row(self) -> int:
-        """Consecutive iterations with a non-finite loss or gradient, up to now."""
-        return self.stalls.nonfinite.count
 
     # --- the early-exit protocol (lit_grpo.callbacks.EarlyExitSelector) -----------------------
     @torch.no_grad()
@@ -321,14 +298,8 @@ class GRPOModule(PolicyStage):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        # fused: one kernel for all parameters, and it can skip a step on the device (the
-        # update's degenerate minibatches) without reading a flag back to the host
-        fused = all(p.device.type in ("cuda", "cpu") for p in params)
-        opt = torch.optim.AdamW(
-            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused
-        )
-        warmup = max(self.hparams.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        h = self.hparams
+        opt, sched = adamw_with_warmup(params, h.lr, h.weight_decay, h.warmup_steps)
         return [opt], [sched]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,4 +1,5 @@
-"""What a GRPO step logs about its rewards and advantages, as tensor ops.
+"""What a GRPO step logs about its rewards, advantages, update and phase times, and the
+logging itself (`log_step`: where the step reads its values back from the device).
 
 Masked reductions instead of boolean indexing (`x[torch.isfinite(x)]`) and branches on
 counts: both would read a value back from the device. The results stay 0-d tensors until
@@ -13,8 +14,23 @@ rollouts whose total reward is NaN or inf) and `groups/dropped_samples` (their n
 import torch
 from torch import Tensor
 
+from lit_grpo.modules.phases import PhaseClock
 from lit_grpo.objectives.base import Advantages
 from lit_grpo.rewards.scoring import Scores
+
+
+def log_step(
+    module, batch: dict, scores: Scores, adv: Advantages, stats: dict, clock: PhaseClock
+) -> None:
+    """Log a GRPO step through `module.log_dict`: `step_statistics`, the update's `stats`
+    (`train/*`), the phase times (`time/*`), and `reward` on the progress bar."""
+    log = step_statistics(scores, adv)
+    log.update({f"train/{k}": v for k, v in stats.items()})
+    timings = {"update": 0.0, **clock.seconds()}  # a skipped update took no time
+    log.update({f"time/{k}": v for k, v in timings.items()})
+    n_cond = batch["source"].shape[0]
+    module.log_dict(log, batch_size=n_cond)
+    module.log("reward", log["reward/total"], prog_bar=True, logger=False, batch_size=n_cond)
 
 
 def step_statistics(scores: Scores, adv: Advantages) -> dict[str, Tensor]:

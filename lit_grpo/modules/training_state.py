@@ -29,7 +29,7 @@ def count_iteration(trainer) -> None:
 
 def save(module, checkpoint: dict) -> None:
     checkpoint["grpo_iteration"] = module.iteration
-    checkpoint["grpo_nonfinite_in_a_row"] = module.nonfinite_in_a_row
+    checkpoint["grpo_nonfinite_in_a_row"] = module.stalls.nonfinite.count
     checkpoint["grpo_skipped_in_a_row"] = module.stalls.skipped.state_dict()
     # every data-parallel rank draws its own noise: the checkpoint (written by rank 0, or
     # rank 0's meta.pt) keeps them all, [ranks, state bytes]

@@ -178,6 +178,21 @@ class UpdateLoop:
         return totals, finite
 
 
+def adamw_with_warmup(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser the loop steps and its LR schedule: AdamW, fused where every parameter
+    is on a CUDA or CPU device, with a linear warm-up over `warmup_steps` optimiser steps
+    (the LR scheduler steps with every step the loop attempts, skipped ones included)."""
+    # fused: one kernel for all parameters, and it can skip a step on the device (the
+    # degenerate minibatches, `_step_where`) without reading a flag back to the host
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    warmup = max(warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    return opt, sched
+
+
 def _no_closure() -> None:
     """The closure `strategy.optimizer_step` wants: the backward passes already ran."""
 
