@@ -305,3 +305,87 @@ def test_region_weights_are_checked_by_name_at_construction():
         SpatialFlowGRPOModule(policy, rewards, region_weights=[1.0, 0.0, 0.0])
     module = SpatialFlowGRPOModule(policy, rewards, region_weights={"edit": 1.0})
     assert module.objective.weights(("edit", "others", "background")) == ([1.0, 0.0, 0.0], None)
+
+
+def test_velocity_hold_by_hand():
+    from lit_grpo.objectives.scene_hold import velocity_hold
+
+    v = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]])  # [1, 1, 2, 2]
+    v_ref = torch.tensor([[[[0.0, 0.0], [0.0, 3.0]]]])
+    per_token = velocity_hold(v, v_ref, lambda e: e.flatten(1))  # one element per token
+    assert torch.equal(per_token, torch.tensor([[1.0, 4.0, 0.0, 9.0]]))
+    # held: region 1 (tokens 2 and 3, cover 1 and 0.5); region 0 (tokens 0 and 1) not held
+    cover = torch.tensor([[[1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.5]]])
+    held = region_mean(per_token, cover, torch.tensor([0.0, 1.0]))
+    assert held.item() == pytest.approx((1.0 * 0.0 + 0.5 * 9.0) / 1.5)
+
+
+def test_hold_draws_levels_once_per_record_and_cover_the_schedule():
+    from lit_grpo.objectives.scene_hold import HoldDraws
+
+    class Record:
+        latents = torch.zeros(3, 3, 4, 4)
+
+        def __len__(self):
+            return 3
+
+    record, draws = Record(), HoldDraws()
+    draws.prepare(record, 4, torch.Generator().manual_seed(0))
+    first = (list(draws.fractions), draws.noise.clone())
+    draws.prepare(record, 4, torch.Generator().manual_seed(1))  # same record: kept
+    assert draws.fractions == first[0] and torch.equal(draws.noise, first[1])
+    assert draws.noise.shape == (3, 4, 3, 4, 4)
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert draws.fractions == expected.tolist()
+    draws.fractions = [0.0, 0.0999, 0.5, 0.99999]
+    assert [draws.level(k, 10) for k in range(4)] == [0, 0, 5, 9]
+
+
+def test_scene_hold_is_zero_on_the_reference_and_beta_times_the_held_regions_velocity_gap():
+    from lit_grpo.objectives.scene_hold import hold_state
+
+    weights = {"others": 1.0, "background": 1.0}
+    module, inputs = kl_setup(hold_beta=0.5, hold_region_weights=weights)
+    objective = module.objective
+    objective.epoch_rows(inputs.record, 1, "cpu", torch.Generator().manual_seed(3))
+    with_hold, stats = objective.loss(inputs)
+    objective.hold_beta = 0.0
+    without, _ = objective.loss(inputs)
+    # the hold by hand: term 0's level and noise, both velocities, the held regions' mean
+    record, rows, policy, sampler = inputs.record, inputs.rows, module.policy, module.sampler
+    level = objective._hold.level(0, sampler.steps)
+    x_s, sigma = hold_state(
+        record.latents, objective._hold.noise[:, 0], level, sampler.steps, sampler.shift
+    )
+    with torch.no_grad():
+        v = policy.velocity(x_s, sigma, record.condition)
+        with policy.reference():
+            v_ref = policy.velocity(x_s, sigma, record.condition)
+    per_token = policy.latent_to_tokens((v - v_ref) ** 2, tuple(record.images.shape[-2:]))
+    held = region_mean(per_token, inputs.targets.cover[rows], torch.tensor([0.0, 1.0, 1.0]))
+    expected = (held * inputs.targets.valid.float()).sum() / inputs.targets.denominator
+    assert expected > 0
+    assert stats.hold.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (with_hold - without).item() == pytest.approx(0.5 * expected.item(), rel=1e-3)
+    # on the reference itself (LoRA B = 0, as training starts) the hold is exactly 0
+    module, inputs = kl_setup(hold_beta=0.5, hold_region_weights=weights)
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.zeros_(p)
+    _, stats = module.objective.loss(inputs)
+    assert stats.hold.item() == 0.0
+
+
+def test_scene_hold_settings_are_checked():
+    from lit_grpo.objectives import SpatialFlowGRPO
+
+    with pytest.raises(ValueError, match="needs the regions to hold"):
+        SpatialFlowGRPO(hold_beta=1.0)
+    with pytest.raises(ValueError, match="hold_beta must be >= 0"):
+        SpatialFlowGRPO(hold_beta=-1.0, hold_region_weights={"background": 1.0})
+    # the KL's regions are the default
+    assert SpatialFlowGRPO(hold_beta=1.0, kl_region_weights={"others": 1.0}).hold_region_weights
+    with pytest.raises(ValueError, match="hold_region_weights"):
+        SpatialFlowGRPO(hold_beta=1.0, hold_region_weights={"backgrund": 1.0}).weights(
+            ("edit", "others", "background")
+        )

@@ -14,8 +14,8 @@ from lit_grpo.rewards.base import Reward
 
 class SpatialFlowGRPOModule(GRPOModule):
     """`GRPOModule` with `objective=SpatialFlowGRPO(clip_range, kl_beta, adv_std, adv_clamp,
-    region_reward, region_weights, kl_region_weights)` (see `SpatialFlowGRPO` for each);
-    takes every other `GRPOModule` argument. Region weights go by name, e.g.
+    region_reward, region_weights, kl_region_weights, hold_beta, hold_region_weights)` (see
+    `SpatialFlowGRPO` for each); takes every other `GRPOModule` argument. Region weights go by name, e.g.
     `region_weights: {edit: 1.0, others: 0.0, background: 0.0}`."""
 
     def __init__(
@@ -29,6 +29,8 @@ class SpatialFlowGRPOModule(GRPOModule):
         kl_beta: float = 0.0,
         adv_std: str = "global",
         adv_clamp: float = 5.0,
+        hold_beta: float = 0.0,
+        hold_region_weights: dict[str, float] | None = None,
         **kwargs,
     ):
         objective = SpatialFlowGRPO(
@@ -39,5 +41,7 @@ class SpatialFlowGRPOModule(GRPOModule):
             region_reward,
             region_weights,
             kl_region_weights,
+            hold_beta,
+            hold_region_weights,
         )
         super().__init__(policy, rewards, objective=objective, **kwargs)

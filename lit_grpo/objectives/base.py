@@ -107,16 +107,18 @@ class LossInputs:
 @dataclass
 class LossStats:
     """The statistics of one loss term (detached 0-d tensors), logged as `train/<field>`.
-    `loss` and `kl` are sums over rows on the fixed denominator: they add up over
-    micro-batches; the others are means over rows, combined weighted by valid rows."""
+    `loss`, `kl` and `hold` (the scene hold, `scene_hold.py`) are sums over rows on the fixed
+    denominator: they add up over micro-batches; the others are means over rows, combined
+    weighted by valid rows."""
 
     loss: Tensor
     approx_kl: Tensor
     clip_fraction: Tensor
     ratio: Tensor
     kl: Tensor | None = None
+    hold: Tensor | None = None
 
-    ADDITIVE: ClassVar[tuple[str, ...]] = ("loss", "kl")
+    ADDITIVE: ClassVar[tuple[str, ...]] = ("loss", "kl", "hold")
 
     def as_dict(self) -> dict[str, Tensor]:
         """{field: value} of the fields set, detached."""

@@ -73,6 +73,7 @@ from lit_grpo.objectives.flow_grpo import (
     clipped_surrogate,
     kl_elements,
 )
+from lit_grpo.objectives.scene_hold import HoldDraws, hold_state, velocity_hold
 from lit_grpo.sampling.flow import host_to_device
 from lit_grpo.sampling.sde import SDEStep
 
@@ -174,6 +175,12 @@ class SpatialFlowGRPO(FlowGRPO):
         kl_region_weights: with `kl_beta` > 0, the KL's weight in each region, by name,
             aggregated as the loss is (e.g. {others: 1.0, background: 1.0}); None: the KL
             over the whole image, per sample, as in Flow-GRPO.
+        hold_beta: > 0 adds the scene hold (ours, `lit_grpo.objectives.scene_hold`): the
+            squared velocity difference to the reference on forward-process states of the
+            rollouts' own edits, at a level drawn from the whole sampling schedule per loss
+            term, averaged over the regions of `hold_region_weights`.
+        hold_region_weights: the regions the hold holds, by name (default: the KL's
+            `kl_region_weights`; one of the two must be set with `hold_beta` > 0).
     """
 
     def __init__(
@@ -185,11 +192,14 @@ class SpatialFlowGRPO(FlowGRPO):
         region_reward: str | None = None,
         region_weights: dict[str, float] | None = None,
         kl_region_weights: dict[str, float] | None = None,
+        hold_beta: float = 0.0,
+        hold_region_weights: dict[str, float] | None = None,
     ):
         super().__init__(clip_range, kl_beta, adv_std, adv_clamp)
         for name, weights in (
             ("region_weights", region_weights),
             ("kl_region_weights", kl_region_weights),
+            ("hold_region_weights", hold_region_weights),
         ):
             if weights is not None and not isinstance(weights, dict):
                 raise ValueError(
@@ -200,8 +210,18 @@ class SpatialFlowGRPO(FlowGRPO):
             raise ValueError(
                 f"region_weights {region_weights} gives no region a weight > 0: nothing would train"
             )
+        if hold_beta < 0:
+            raise ValueError(f"hold_beta must be >= 0, got {hold_beta}")
+        hold_region_weights = hold_region_weights or kl_region_weights
+        if hold_beta > 0 and hold_region_weights is None:
+            raise ValueError(
+                "hold_beta > 0 needs the regions to hold: set hold_region_weights (or "
+                "kl_region_weights), e.g. {others: 1.0, background: 1.0}"
+            )
         self.region_reward = region_reward
         self.region_weights, self.kl_region_weights = region_weights, kl_region_weights
+        self.hold_beta, self.hold_region_weights = hold_beta, hold_region_weights
+        self._hold = HoldDraws()
 
     def check_rewards(self, rewards: list) -> None:
         """The region reward exists and knows every region the weights name (rewards that
@@ -216,7 +236,10 @@ class SpatialFlowGRPO(FlowGRPO):
                 return
 
     def weights(self, names: tuple[str, ...]) -> tuple[list[float], list[float] | None]:
-        """(the loss's weights, the KL's weights or None) in the order of `names`."""
+        """(the loss's weights, the KL's weights or None) in the order of `names` (the
+        hold's names are checked too)."""
+        if self.hold_region_weights is not None:
+            _by_name(self.hold_region_weights, names, "hold_region_weights")
         return _by_name(self.region_weights, names, "region_weights"), (
             None
             if self.kl_region_weights is None
@@ -269,6 +292,45 @@ class SpatialFlowGRPO(FlowGRPO):
         loss, kl_weights = self.weights(self._names)
         w = kl_weights if kl else loss
         return host_to_device(torch.tensor(w, dtype=torch.float32), device)  # no sync
+
+    def epoch_rows(self, record, minibatches: int, device, generator=None) -> Tensor:
+        """The base's rows; first, with the hold on, its levels and noise for a record not
+        seen before (the update's CPU `generator`: a resumed run draws the same)."""
+        if self.hold_beta > 0:
+            self._hold.prepare(record, self.terms(record), generator)
+        return super().epoch_rows(record, minibatches, device, generator)
+
+    def loss(self, inputs: LossInputs) -> tuple[Tensor, LossStats]:
+        """Flow-GRPO's loss with the region terms (+ hold_beta x the scene hold)."""
+        loss, stats = super().loss(inputs)
+        if self.hold_beta > 0:
+            hold = inputs.per_row_sum(self.row_hold(inputs))
+            loss = loss + self.hold_beta * hold
+            stats.loss, stats.hold = loss.detach(), hold.detach()
+        return loss, stats
+
+    def row_hold(self, inputs: LossInputs) -> Tensor:
+        """The scene hold of each row [n] at term k's drawn level (scene_hold.py)."""
+        record, rows, policy = inputs.record, inputs.rows, inputs.policy
+        self._hold.prepare(record, self.terms(record))  # a no-op after epoch_rows
+        x_s, sigma = hold_state(
+            record.latents[rows],
+            self._hold.noise[rows, inputs.k],
+            self._hold.level(inputs.k, inputs.sampler.steps),
+            inputs.sampler.steps,
+            inputs.sampler.shift,
+        )
+        x_s, cond = x_s.to(policy.latent_dtype), record.condition[rows]
+        v = policy.velocity(x_s, sigma, cond)  # with grad
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x_s, sigma, cond)
+        per_token = velocity_hold(
+            v, v_ref, lambda e: policy.latent_to_tokens(e, tuple(record.images.shape[-2:]))
+        )
+        names = self._names
+        weights = _by_name(self.hold_region_weights, names, "hold_region_weights")
+        weights = host_to_device(torch.tensor(weights, dtype=torch.float32), per_token.device)
+        return region_mean(per_token, inputs.targets.cover[rows], weights)
 
     def policy_loss(self, inputs: LossInputs, step: SDEStep) -> tuple[Tensor, LossStats]:
         """The per-token clipped loss, region by region on each region's advantage."""
