@@ -50,7 +50,8 @@ time at all; `max_time` stops at the end of the step that passes it). `--budget-
 gives the others f times the reference's seconds instead (0.5 still decides a goal of "a
 third of its seconds", in about half the time). `--budget-seconds` caps the reference too.
 Checkpoints are about 14 MB each (`<out>/<method>/checkpoints`);
-`--eval-only` scores the runs already in `--out` again without training.
+`--eval-only` scores the runs already in `--out` again without training; `--keep-finished`
+trains only the methods without a finished run there (a stopped benchmark goes on).
 """
 
 import argparse
@@ -340,6 +341,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="ODE steps of the held-out edits")
     parser.add_argument("--batch-size", type=int, default=64, help="held-out edits per batch")
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate the runs in --out")
+    parser.add_argument(
+        "--keep-finished", action="store_true",
+        help="train only the methods with no finished run (fit.json) in --out",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="3 steps each, n = 16: smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -359,12 +364,13 @@ def main(argv=None) -> int:
     fits = {}
     for name in methods:
         run_dir = out / name
-        if args.eval_only:
+        if args.eval_only or (args.keep_finished and (run_dir / "fit.json").exists()):
             fits[name] = json.loads((run_dir / "fit.json").read_text())
-            continue
-        steps = args.reference_steps if name == REFERENCE or args.quick else -1
-        cap = budget if budget is not None else 10 * 3600
-        fits[name] = train(METHODS[name], run_dir, args, steps, cap)
+            print(f"[{name}] kept the finished run in {run_dir}", file=sys.stderr, flush=True)
+        else:
+            steps = args.reference_steps if name == REFERENCE or args.quick else -1
+            cap = budget if budget is not None else 10 * 3600
+            fits[name] = train(METHODS[name], run_dir, args, steps, cap)
         if name == REFERENCE and budget is None:
             budget = math.ceil(args.budget_fraction * checkpoints(run_dir)[-1][1])
 
