@@ -177,3 +177,28 @@ def test_orientation_of_samclip_detections_goes_through_the_estimator(monkeypatc
     assert (det.angle - torch.tensor([30.0, 120.0])).abs().max() < 1.5
     before, after = rows(det, slice(0, 1)), rows(det, slice(1, 2))
     assert geo.rotation_error(before, after, torch.tensor([90.0])).item() < 1.0
+
+
+def test_locate_runs_sam_once_for_every_phrase_of_an_image():
+    class PhraseScorer:  # the mask's pixel share, plus a bonus per phrase
+        def __call__(self, image, masks, phrase):
+            return masks.flatten(1).float().mean(1) + {"cup": 1.0, "dog": -1.0}[phrase]
+
+    seg = SamClipSegmenter.from_models(tiny_sam(), PhraseScorer(), threshold=0.5, **LOOSE)
+    image = toy_photo(48, 48, 0)
+    calls = []
+    propose = seg.propose
+    seg.propose = lambda *a: calls.append(a) or propose(*a)
+    det, best = seg.locate(image, ["cup", "dog"])
+    assert len(calls) == 1 and det.found.tolist() == [True, False]
+    proposals, _ = propose(image)
+    share = proposals.flatten(1).float().mean(1)
+    assert torch.equal(det.mask[0], proposals[share.argmax()]) and not det.mask[1].any()
+    assert best.tolist() == pytest.approx([share.max().item() + 1, share.max().item() - 1])
+    alone = seg(image[None], ["cup"])  # the same detection as the batched call's
+    for f in fields(det):
+        assert torch.equal(
+            getattr(det, f.name)[:1].nan_to_num(-1), getattr(alone, f.name).nan_to_num(-1)
+        )
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        seg.locate(image[None], ["cup"])
