@@ -16,7 +16,10 @@ photo is skipped, named on stderr and counted; it never becomes a row.
 import argparse
 import sys
 
-HELP = "expand (image, object) annotations into template edit samples (a jsonl for training)"
+HELP = (
+    "expand (image, object) annotations, or the objects found in a folder of photos, into "
+    "template edit samples (a jsonl for training)"
+)
 
 EPILOG = """\
 an annotation line: {"image": "imgs/0001.jpg", "object": "mug", "box": [12, 40, 96, 130]}
