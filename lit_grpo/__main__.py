@@ -18,7 +18,7 @@ OTHER_COMMANDS = {
     "export": ("export", "write the policy of a lit_grpo checkpoint as a .safetensors file"),
     "compare": ("compare", "MLflow runs side by side (differing params, metrics) and a PNG"),
     "edit": ("edit", "edit one image with a checkpoint or built-in weights"),
-    "expand": ("expand", "turn (image, object) annotations into template edit samples (jsonl)"),
+    "expand": ("expand", "turn (image, object) annotations or photos into edit samples (jsonl)"),
     "serve-rewards": ("serve_rewards", "serve rewards over HTTP to trainers (RemoteReward)"),
 }
 

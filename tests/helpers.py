@@ -1,8 +1,9 @@
 """What several test files build the same way: a tiny seeded policy and GRPO stage,
 ShapeWorld batches and data modules, a quiet Trainer, rewards of known behaviour, the client
-of a run's default MLflow store, a tiny open_clip model in local files; and small modules
-and callbacks for the callback tests. Plain functions and classes (imported as
-`from helpers import ...`; the fixtures are in conftest.py)."""
+of a run's default MLflow store, a tiny open_clip model in local files, a tiny random SAM
+and CLIP crop scorer, photo-like images; and small modules and callbacks for the callback
+tests. Plain functions and classes (imported as `from helpers import ...`; the fixtures are
+in conftest.py)."""
 
 import json
 from pathlib import Path
@@ -163,6 +164,78 @@ def save_tiny_clip(folder, config: str = "lit-grpo-tiny-clip.json", seed: int = 
     net = open_clip.CLIP(**TINY_CLIP)
     torch.save(net.state_dict(), weights)
     return str(config_path), str(weights), net
+
+
+def tiny_sam(checkpoint=None):
+    """A random 79k-parameter SAM on 64 px inputs (FACTS.md); a stand-in for
+    `segment_anything.sam_model_registry[...]`, which is called with checkpoint=None."""
+    from functools import partial
+
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    assert checkpoint is None  # what load_sam must ask for
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2,
+        out_chans=32,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=2,
+        global_attn_indexes=[1],
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
+        transformer_dim=32,
+        iou_head_depth=2,
+        iou_head_hidden_dim=16,
+    )
+    prompt = PromptEncoder(
+        embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=4
+    )
+    sam = Sam(encoder, prompt, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+    return sam.eval()
+
+
+def tiny_clip_scorer():
+    import open_clip
+
+    from lit_grpo.perception.text_segmenter import ClipCropScorer
+
+    torch.manual_seed(0)
+    net = open_clip.CLIP(**TINY_CLIP)
+    mean, std = open_clip.constants.OPENAI_DATASET_MEAN, open_clip.constants.OPENAI_DATASET_STD
+    return ClipCropScorer(net, open_clip.get_tokenizer("ViT-B-32"), (32, 32), mean, std)
+
+
+def toy_photo(height: int, width: int, seed: int) -> torch.Tensor:
+    """[3, H, W] in [0, 1], photo-like rather than ShapeWorld's flat palette: a lit gradient
+    backdrop, three soft ellipses of random colours and sensor noise."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(
+        torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij"
+    )
+    base = torch.rand(3, 1, 1, generator=g) * 0.4 + 0.3
+    image = base * (0.7 + 0.3 * xs) * (0.8 + 0.2 * ys)
+    for _ in range(3):
+        cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.6, 0.6, 0.2, 0.2])).tolist()
+        inside = ((ys - 0.2 - cy) / (0.1 + ry)) ** 2 + ((xs - 0.2 - cx) / (0.1 + rx)) ** 2
+        weight = torch.sigmoid((1 - inside) * 8)  # a soft edge
+        image = image * (1 - weight) + torch.rand(3, 1, 1, generator=g) * weight
+    image = image + 0.02 * torch.randn(image.shape, generator=g)
+    return image.clamp(0, 1)
 
 
 # --- plain modules and callbacks for the callback tests ----------------------------------------

@@ -2,69 +2,19 @@
 orientation estimators on synthetic masks with known angles."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
-from helpers import TINY_CLIP, save_tiny_clip
+from helpers import save_tiny_clip, tiny_clip_scorer, tiny_sam
 
 from lit_grpo.checks import ConfigError
 from lit_grpo.datamodules.shapeworld import Scene, Shape, render
 from lit_grpo.perception import MaskAxisOrientation, OrientationEstimator, SamClipSegmenter
 from lit_grpo.perception.orientation import mask_moments
 from lit_grpo.perception.segmenters import Segmenter
-from lit_grpo.perception.text_segmenter import ClipCropScorer, load_clip_scorer, load_sam
+from lit_grpo.perception.text_segmenter import load_clip_scorer, load_sam
 
 GREY = (0.5, 0.5, 0.5)
-
-
-def tiny_sam(checkpoint=None):
-    """A random 79k-parameter SAM on 64 px inputs (FACTS.md)."""
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    assert checkpoint is None  # what load_sam must ask for
-    torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        mlp_ratio=2,
-        out_chans=32,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=2,
-        global_attn_indexes=[1],
-    )
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-        transformer_dim=32,
-        iou_head_depth=2,
-        iou_head_hidden_dim=16,
-    )
-    prompt = PromptEncoder(
-        embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=4
-    )
-    sam = Sam(encoder, prompt, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
-    return sam.eval()
-
-
-def tiny_clip_scorer():
-    import open_clip
-
-    torch.manual_seed(0)
-    net = open_clip.CLIP(**TINY_CLIP)
-    mean, std = open_clip.constants.OPENAI_DATASET_MEAN, open_clip.constants.OPENAI_DATASET_STD
-    return ClipCropScorer(net, open_clip.get_tokenizer("ViT-B-32"), (32, 32), mean, std)
 
 
 def scene_image(shapes, size=48):

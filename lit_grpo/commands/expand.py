@@ -6,12 +6,20 @@ no target (800 translation images became 3,200 samples). Each annotation line he
 the 4 directions, 4 rotation angles (45, 90, 135, 180 degrees, the sense drawn), 4 scale
 factors (0.5, 0.75, 1.5, 2) (`lit_grpo.datamodules.instructions`). The output rows are
 `JsonlDataModule` rows; their paths are rewritten relative to the output file's folder.
+
+Without annotations, `--images DIR --objects "cup,dog"` finds each named object in each photo
+of a folder with `SamClipSegmenter` (local SAM and open_clip weights): its detection's box
+and mask (a PNG written under `--masks`) become the annotation. An object not found in a
+photo is skipped, named on stderr and counted; it never becomes a row.
 """
 
 import argparse
 import sys
 
-HELP = "expand (image, object) annotations into template edit samples (a jsonl for training)"
+HELP = (
+    "expand (image, object) annotations, or the objects found in a folder of photos, into "
+    "template edit samples (a jsonl for training)"
+)
 
 EPILOG = """\
 an annotation line: {"image": "imgs/0001.jpg", "object": "mug", "box": [12, 40, 96, 130]}
@@ -23,9 +31,15 @@ each annotation gives 4 samples per task, phrased by ShapeWorld's templates:
 the phrasings and senses are drawn from (--seed, line number): the same input and seed give
 the same file, and adding lines changes no other line's samples.
 
+without annotations: --images DIR --objects "cup,dog" finds each object in each photo of DIR
+  with SAM + open_clip (local weights, --sam and --clip); its box and mask (a PNG under
+  --masks) make the annotation; an object not found in a photo is skipped and reported
+
 example:
   python -m lit_grpo expand --annotations data/objects.jsonl --out data/train.jsonl
   python -m lit_grpo expand --annotations a.jsonl --out rot.jsonl --tasks rotate --seed 3
+  python -m lit_grpo expand --images photos/ --objects "cup,dog" --sam sam_vit_b_01ec64.pth \\
+      --clip open_clip_vit_b_32.bin --out data/train.jsonl
 """
 
 
@@ -36,8 +50,21 @@ def main(argv: list[str]) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--annotations", required=True, help="jsonl of (image, object) lines")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--annotations", help="jsonl of (image, object) lines")
+    source.add_argument("--images", help="a folder of photos to find --objects in (no annotations)")
     parser.add_argument("--out", required=True, help="the samples jsonl to write")
+    found = parser.add_argument_group("finding objects in --images (SamClipSegmenter)")
+    found.add_argument("--objects", help='object names, comma-separated: "cup,red mug,dog"')
+    found.add_argument("--sam", help="local SAM checkpoint (.pth)")
+    found.add_argument("--sam-model", default="vit_b", help="its architecture (vit_b)")
+    found.add_argument("--clip", help="local open_clip weights")
+    found.add_argument("--clip-model", default="ViT-B-32", help="their architecture (ViT-B-32)")
+    found.add_argument(
+        "--threshold", type=float, default=0.2, help="CLIP score that counts as found (0.2)"
+    )
+    found.add_argument("--masks", help="folder for the found masks (default: OUT's stem + _masks)")
+    found.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -50,12 +77,23 @@ def main(argv: list[str]) -> int:
         "--on-bad-row",
         choices=["error", "skip"],
         default="error",
-        help="a bad annotation line stops the command (error, default) or is left out (skip)",
+        help="a bad annotation line, or a file of --images that is not an image, stops the "
+        "command (error, default) or is left out (skip)",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite --out (and --masks) if it exists"
+    )
     args = parser.parse_args(argv)
+    finding = ("objects", "sam", "clip", "masks", "device")
+    if args.images is None:
+        given = [f"--{k}" for k in finding if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --images, not with --annotations")
+    else:
+        needed = [f"--{k}" for k in ("objects", "sam", "clip") if not getattr(args, k)]
+        if needed:
+            parser.error(f"--images needs {', '.join(needed)}")
 
-    import json
     import os
     from pathlib import Path
 
@@ -63,16 +101,30 @@ def main(argv: list[str]) -> int:
 
     from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir
     from lit_grpo.datamodules.instructions import expand_annotation
-    from lit_grpo.datamodules.jsonl_rows import MAX_LISTED, ImageProbe
+    from lit_grpo.datamodules.jsonl_rows import MAX_LISTED
 
-    src = ensure_file(args.annotations, "annotation file (--annotations)", "Pass a jsonl file.")
     out = Path(args.out).expanduser()
-    if out.resolve() == src.resolve():
-        parser.error("--out must not be the annotation file")
+    if args.annotations is not None:
+        src = ensure_file(args.annotations, "annotation file (--annotations)", "Pass a jsonl file.")
+        if out.resolve() == src.resolve():
+            parser.error("--out must not be the annotation file")
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     ensure_writable_dir(out.parent, "output directory (--out)")
     tasks = list(dict.fromkeys(args.tasks))
+    if args.images is not None:
+        from lit_grpo.commands.expand_photos import find_annotations
+
+        notes = find_annotations(args, out)
+        samples = []
+        for note in notes:  # the photos' paths, relative to the output's folder from now on
+            for key in ("image", "mask"):
+                note[key] = os.path.relpath(note[key], out.parent.resolve())
+            rng = np.random.default_rng([args.seed, note.pop("key")])
+            samples += expand_annotation(note, tasks, rng)
+        return _write(samples, out, tasks)
+
+    from lit_grpo.datamodules.jsonl_rows import ImageProbe
 
     samples, bad, lines = [], [], 0
     probe = ImageProbe(check_pixels=False)
@@ -107,6 +159,12 @@ def main(argv: list[str]) -> int:
                 "them, or pass --on-bad-row skip to leave them out (nothing written)"
             )
         print(f"skipped {len(bad)} bad annotation line(s):\n  {listed}", file=sys.stderr)
+    return _write(samples, out, tasks)
+
+
+def _write(samples: list[dict], out, tasks: list[str]) -> int:
+    import json
+
     with open(out, "w", encoding="utf-8") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")

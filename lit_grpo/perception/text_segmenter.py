@@ -17,6 +17,10 @@ phrase is grounded the common way (our choice, not the paper's):
 The winner's mask gives the box, centre and area; its heading comes from an
 `OrientationEstimator` (the mask-geometry default, or the user's own by `class_path`).
 
+`objects()` (the `SceneSegmenter` call region rewards use) marks every object of a photo:
+SAM's proposals under stricter quality rules, the backdrop and the duplicates and parts
+dropped (`lit_grpo.perception.scene`).
+
 Weights are local files only: SAM's checkpoint is read with `torch.load(weights_only=True)`
 into a model built without one (segment_anything's own loader unpickles anything), open_clip's
 through `create_model_and_transforms(name, pretrained=<file>)`. `SamClipSegmenter.from_models`
@@ -37,12 +41,15 @@ from torch import Tensor
 from lit_grpo.checks import ConfigError
 from lit_grpo.perception.detections import Detections
 from lit_grpo.perception.orientation import MaskAxisOrientation, OrientationEstimator
+from lit_grpo.perception.scene import distinct_objects, stability_score
 
 CropScorer = Callable[
     [Tensor, Tensor, str], Tensor
 ]  # (image [3,H,W], masks [M,H,W], phrase) -> [M]
 _DEDUP_GRID = 64  # masks are compared for duplicates at this resolution
 _DEDUP_IOU = 0.9
+_CONTAIN = 0.9  # a scene mask this much inside larger ones is a duplicate or a part (ours)
+_STABILITY_OFFSET = 1.0  # SAM's automatic mask generator's stability_score_offset
 _ARTICLES = ("the ", "a ", "an ")
 
 
@@ -188,6 +195,11 @@ class SamClipSegmenter:
         min_area, max_area: a proposal's share of the image (drops specks and the backdrop).
         orientation: heading of the found mask (`MaskAxisOrientation()` by default).
         prompt: CLIP text template, "{}" replaced by the phrase.
+        scene_quality, scene_stability: SAM's predicted IoU and stability score a proposal
+            needs to count as an object in `objects()` (0.88 and 0.95: SAM's automatic mask
+            generator's defaults; `lit_grpo.perception.scene`).
+        scene_max_area, scene_max_sides: larger masks, or masks touching more of the image's
+            four sides, are the backdrop, not objects (ours: 0.5 and 2).
     """
 
     def __init__(
@@ -203,6 +215,10 @@ class SamClipSegmenter:
         max_area: float = 0.9,
         orientation: OrientationEstimator | None = None,
         prompt: str = "a photo of a {}.",
+        scene_quality: float = 0.88,
+        scene_stability: float = 0.95,
+        scene_max_area: float = 0.5,
+        scene_max_sides: int = 2,
     ):
         files = {"sam_checkpoint": sam_checkpoint, "clip_checkpoint": clip_checkpoint}
         missing = [
@@ -220,12 +236,16 @@ class SamClipSegmenter:
         self._init(
             sam,
             load_clip_scorer(clip_model, clip_checkpoint, prompt),
-            threshold,
-            points_per_side,
-            min_quality,
-            min_area,
-            max_area,
-            orientation,
+            threshold=threshold,
+            points_per_side=points_per_side,
+            min_quality=min_quality,
+            min_area=min_area,
+            max_area=max_area,
+            orientation=orientation,
+            scene_quality=scene_quality,
+            scene_stability=scene_stability,
+            scene_max_area=scene_max_area,
+            scene_max_sides=scene_max_sides,
         )
 
     @classmethod
@@ -239,26 +259,46 @@ class SamClipSegmenter:
         min_area: float = 0.001,
         max_area: float = 0.9,
         orientation: OrientationEstimator | None = None,
+        scene_quality: float = 0.88,
+        scene_stability: float = 0.95,
+        scene_max_area: float = 0.5,
+        scene_max_sides: int = 2,
     ) -> SamClipSegmenter:
         """From a built SAM and a crop scorer (a `ClipCropScorer`, or any callable
         `(image [3, H, W], masks [M, H, W], phrase) -> [M]`)."""
         segmenter = cls.__new__(cls)
         segmenter._init(
-            sam, scorer, threshold, points_per_side, min_quality, min_area, max_area, orientation
+            sam,
+            scorer,
+            threshold=threshold,
+            points_per_side=points_per_side,
+            min_quality=min_quality,
+            min_area=min_area,
+            max_area=max_area,
+            orientation=orientation,
+            scene_quality=scene_quality,
+            scene_stability=scene_stability,
+            scene_max_area=scene_max_area,
+            scene_max_sides=scene_max_sides,
         )
         return segmenter
 
-    def _init(
-        self, sam, scorer, threshold, points_per_side, min_quality, min_area, max_area, orientation
-    ) -> None:
-        if points_per_side < 1:
-            raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
-        if not 0 <= min_area < max_area <= 1:
-            raise ValueError(f"need 0 <= min_area < max_area <= 1, got {min_area}, {max_area}")
+    def _init(self, sam, scorer, **kw) -> None:
+        if kw["points_per_side"] < 1:
+            raise ValueError(f"points_per_side must be >= 1, got {kw['points_per_side']}")
+        for low, high in (("min_area", "max_area"), ("min_area", "scene_max_area")):
+            if not 0 <= kw[low] < kw[high] <= 1:
+                raise ValueError(f"need 0 <= {low} < {high} <= 1, got {kw[low]}, {kw[high]}")
+        if not 0 <= kw["scene_max_sides"] <= 4:
+            raise ValueError(f"scene_max_sides must be 0 to 4, got {kw['scene_max_sides']}")
         self.sam = sam.eval().requires_grad_(False)
         self.scorer = scorer
-        self.threshold, self.points_per_side = float(threshold), int(points_per_side)
-        self.min_quality, self.min_area, self.max_area = min_quality, min_area, max_area
+        self.threshold, self.points_per_side = float(kw["threshold"]), int(kw["points_per_side"])
+        self.min_quality, self.min_area = kw["min_quality"], kw["min_area"]
+        self.max_area = kw["max_area"]
+        self.scene_quality, self.scene_stability = kw["scene_quality"], kw["scene_stability"]
+        self.scene_max_area, self.scene_max_sides = kw["scene_max_area"], kw["scene_max_sides"]
+        orientation = kw["orientation"]
         self.orientation = orientation if orientation is not None else MaskAxisOrientation()
 
     def __deepcopy__(self, memo: dict) -> SamClipSegmenter:
@@ -266,10 +306,20 @@ class SamClipSegmenter:
         return self
 
     @torch.no_grad()
-    def propose(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(
+        self,
+        image: Tensor,
+        min_quality: float | None = None,
+        min_stability: float = 0.0,
+        max_area: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """SAM's kept proposals for one image [3, H, W] in [0, 1]: masks [M, H, W] bool and
-        their predicted IoU [M], best first."""
+        their predicted IoU [M], best first. `min_quality` and `max_area` default to the
+        segmenter's; `min_stability` is SAM's stability score (offset 1.0) a mask needs."""
         from segment_anything import SamPredictor
+
+        min_quality = self.min_quality if min_quality is None else min_quality
+        max_area = self.max_area if max_area is None else max_area
 
         device = image.device
         predictor = SamPredictor(self.sam.to(device))
@@ -283,10 +333,16 @@ class SamClipSegmenter:
         for chunk in points.split(64):
             coords = predictor.transform.apply_coords_torch(chunk.to(device), (h, w))
             labels = torch.ones(coords.shape[:2], device=device)
-            m, q, _ = predictor.predict_torch(coords, labels, multimask_output=True)
-            m, q = m.flatten(0, 1), q.flatten()  # [P * 3, H, W], [P * 3]
+            logits, q, _ = predictor.predict_torch(
+                coords, labels, multimask_output=True, return_logits=True
+            )
+            logits, q = logits.flatten(0, 1), q.flatten()  # [P * 3, H, W], [P * 3]
+            m = logits > self.sam.mask_threshold
             area = m.flatten(1).float().mean(1)
-            keep = (q >= self.min_quality) & (area >= self.min_area) & (area <= self.max_area)
+            keep = (q >= min_quality) & (area >= self.min_area) & (area <= max_area)
+            if min_stability > 0:
+                stable = stability_score(logits, self.sam.mask_threshold, _STABILITY_OFFSET)
+                keep &= stable >= min_stability
             masks.append(m[keep])
             quality.append(q[keep])
         masks, quality = torch.cat(masks), torch.cat(quality)
@@ -305,13 +361,50 @@ class SamClipSegmenter:
         mask = torch.zeros(n, h, w, dtype=torch.bool)
         for i, phrase in enumerate(phrases):
             proposals, _ = self.propose(images[i])
-            if proposals.shape[0] == 0:
-                continue
-            scores = self.scorer(images[i], proposals, phrase).float().cpu()
-            best = int(scores.argmax())
-            if scores[best] >= self.threshold:
-                found[i], mask[i] = True, proposals[best].cpu()
+            found[i], mask[i], _ = self._pick(images[i], proposals, phrase)
         return self._detections(images, found, mask)
+
+    def locate(self, image: Tensor, phrases: Sequence[str]) -> tuple[Detections, Tensor]:
+        """Each phrase's object in one image [3, H, W], SAM run once: `Detections` [P] and
+        each phrase's best CLIP score [P] (NaN where SAM proposed nothing)."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+        p, (_, h, w) = len(phrases), image.shape
+        found, mask = torch.zeros(p, dtype=torch.bool), torch.zeros(p, h, w, dtype=torch.bool)
+        best = torch.full((p,), float("nan"))
+        proposals, _ = self.propose(image)
+        for i, phrase in enumerate(phrases):
+            found[i], mask[i], best[i] = self._pick(image, proposals, phrase)
+        return self._detections(image.expand(p, -1, -1, -1), found, mask), best
+
+    def _pick(self, image: Tensor, proposals: Tensor, phrase: str) -> tuple[bool, Tensor, float]:
+        """(found, the winning mask [H, W] on the CPU, its score) among the proposals."""
+        if proposals.shape[0] == 0:
+            return False, torch.zeros(image.shape[1:], dtype=torch.bool), float("nan")
+        scores = self.scorer(image, proposals, phrase).float().cpu()
+        best = int(scores.argmax())
+        if scores[best] < self.threshold:
+            return False, torch.zeros(image.shape[1:], dtype=torch.bool), float(scores[best])
+        return True, proposals[best].cpu(), float(scores[best])
+
+    def scene(self, image: Tensor) -> Tensor:
+        """The objects of one image [3, H, W] in [0, 1]: masks [K, H, W] bool, one per object,
+        largest first (`lit_grpo.perception.scene`)."""
+        masks, _ = self.propose(
+            image, self.scene_quality, self.scene_stability, self.scene_max_area
+        )
+        keep = distinct_objects(masks, self.scene_max_area, self.scene_max_sides, _CONTAIN)
+        return masks[keep.to(masks.device)]
+
+    def objects(self, images: Tensor) -> Tensor:
+        """Every object's pixels [N, H, W] bool, the target's included (the `SceneSegmenter`
+        call: what region rewards call "the other objects" once the edit region is out)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        out = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool)
+        for i in range(images.shape[0]):
+            out[i] = self.scene(images[i]).any(0).cpu()
+        return out.to(images.device)
 
     def _detections(self, images: Tensor, found: Tensor, mask: Tensor) -> Detections:
         n, h, w = mask.shape
