@@ -21,7 +21,9 @@ with the count and the lines and trains on the rest.
 
 A batch has ShapeWorld's keys where real data has them (source, instruction, object, task,
 direction, angle, factor, index; target, mask_before, box_before when the rows give them)
-plus `origin` ("file:line" per row), so `GRPOModule` trains on it unchanged. Images are
+plus `origin` ("file:line" per row) and `source_path` (the source image's path: the key a
+policy caches what it computes from a source by, `EditPolicy.encode_condition`), so
+`GRPOModule` trains on it unchanged. Images are
 resized (stretched, our choice: every image of a batch must share one size) to `resolution`.
 Stored pixels are used as they are: EXIF orientation is not applied.
 """
@@ -100,6 +102,7 @@ class JsonlEditDataset(Dataset):
             "factor": torch.tensor(edit.factor, dtype=torch.float32),
             "index": int(index),
             "origin": row.origin,
+            "source_path": str(row.image),
         }
         if row.target is not None:
             sample["target"] = _load_rgb(row.target, (w, h), row.origin)
@@ -257,7 +260,9 @@ class JsonlDataModule(L.LightningDataModule):
         if policy is not None and hasattr(policy, "token_grid"):
             rows, cols = policy.token_grid((1024, 1024))  # pixels per token side, probed
             ph, pw = 1024 // rows, 1024 // cols
-            if h % ph or w % pw:
+            # a backbone that edits at its preferred size takes any resolution
+            eh, ew = policy.edit_size((h, w)) if hasattr(policy, "edit_size") else (h, w)
+            if eh % ph or ew % pw:
                 raise ConfigError(
                     f"data.init_args.resolution {h}x{w} must be a multiple of the policy's "
                     f"token size {ph}x{pw} px"
