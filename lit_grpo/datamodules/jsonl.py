@@ -258,10 +258,11 @@ class JsonlDataModule(L.LightningDataModule):
         h, w = _checked_side(h, w)
         self.hparams.resolution = h if h == w else [h, w]  # recorded in checkpoints for `edit`
         if policy is not None and hasattr(policy, "token_grid"):
+            # a backbone that edits at a preferred size of its own takes any resolution
+            size = getattr(policy, "edit_size", lambda s: s)
             rows, cols = policy.token_grid((1024, 1024))  # pixels per token side, probed
-            ph, pw = 1024 // rows, 1024 // cols
-            # a backbone that edits at its preferred size takes any resolution
-            eh, ew = policy.edit_size((h, w)) if hasattr(policy, "edit_size") else (h, w)
+            ph, pw = size((1024, 1024))[0] // rows, size((1024, 1024))[1] // cols
+            eh, ew = size((h, w))
             if eh % ph or ew % pw:
                 raise ConfigError(
                     f"data.init_args.resolution {h}x{w} must be a multiple of the policy's "
