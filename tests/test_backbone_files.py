@@ -348,6 +348,55 @@ def test_backbone_overlays_parse_over_method_configs(overlay, method, capsys):
     assert "rank: 64" in printed and "lr: 0.0001" in printed and "weights: null" in printed
 
 
+ROOT = Path(__file__).resolve().parent.parent
+JSONL = ROOT / "configs/data/jsonl.yaml"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_the_main_job_on_photos_prints_a_readable_config(overlay, capsys):
+    """`fit --config configs/spatialflow.yaml --config <backbone> --config
+    configs/data/jsonl.yaml --print_config`: the composed config, every value plain (no
+    interpolation left, no Python object tags, no long lines), the overlays' values in it."""
+    import yaml
+
+    from lit_grpo.cli import run_cli
+
+    configs = [ROOT / "configs/spatialflow.yaml", overlay, JSONL]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", *(a for c in configs for a in ("--config", str(c))), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert len(lines) < 300 and max(len(line) for line in lines) <= 100
+    assert "${" not in printed and "!!" not in printed and "<" not in printed
+    config = yaml.safe_load(printed)
+    model, data = config["model"], config["data"]
+    assert model["class_path"] == "lit_grpo.modules.SpatialFlowGRPOModule"
+    written = yaml.safe_load(overlay.read_text())["model"]["init_args"]
+    assert model["init_args"]["policy"] == written["policy"]  # every argument, as written
+    assert model["init_args"]["lora"]["rank"] == 64 and model["init_args"]["lr"] == 1e-4
+    assert model["init_args"]["segmenter"]["class_path"] == "lit_grpo.perception.SamClipSegmenter"
+    assert data["class_path"] == "lit_grpo.datamodules.JsonlDataModule"
+    assert data["init_args"]["resolution"] == 1024 and data["init_args"]["train"] == (
+        "data/train.jsonl"
+    )
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, JSONL], ids=lambda p: p.name)
+def test_every_value_in_the_overlays_says_what_it_does(path):
+    """Each line that sets a value (not a `class_path`) carries a comment."""
+    import re
+
+    bare = [
+        line
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*[\w.]+: *[^\s#]", line)
+        and not line.strip().startswith("class_path:")
+        and "#" not in line
+    ]
+    assert bare == []
+
+
 def test_an_overlay_without_local_weights_is_refused_in_one_line(in_tmp, capsys):
     capsys.readouterr()
     overlay = OVERLAYS[0]  # both policies check their folder with the same code
