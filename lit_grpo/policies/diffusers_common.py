@@ -124,8 +124,9 @@ class EmbeddingCache:
         keys: Sequence[str] | None = None,
         device: torch.device | None = None,
     ) -> list[TextEmbedding]:
-        """One embedding per row, on the CPU. The images [N, 3, H, W] are read (moved to
-        the embedder's `device`) only for the rows embedded now."""
+        """One embedding per row, on the CPU. The images [N, 3, H, W] are moved to the
+        embedder's `device` and read only for the rows embedded now, and only by an
+        embedder that reads them."""
         n = len(instructions)
         if keys is not None and len(keys) != n:
             raise ValueError(f"{len(keys)} image keys for {n} instructions")
@@ -142,7 +143,8 @@ class EmbeddingCache:
         if todo:
             rows = list(todo.values())
             picked = images if rows == list(range(n)) else images[rows]
-            picked = picked if device is None else picked.to(device)
+            if device is not None and getattr(self.embedder, "uses_image", False):
+                picked = picked.to(device)  # (an embedder that ignores them: left where they are)
             out = self.embedder([instructions[r] for r in rows], picked)
             fresh = dict(zip(todo, self._rows(out)))
         for name, emb in fresh.items():
