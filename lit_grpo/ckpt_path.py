@@ -156,6 +156,15 @@ def _check_policy_architecture(entry, model, what: str, path) -> None:
             f"{what} {path} was trained with another policy architecture ({'; '.join(diff)}); "
             "set the policy's init_args to the checkpoint's values"
         )
+    if "lora" in entry:  # an adapter-only checkpoint: its frozen weights are rebuilt
+        started, configured = entry.get("weights"), args.get("weights")
+        if bool(started) != bool(configured):
+            over = f"over `weights: {started}`" if started else "over the pretrained folder alone"
+            want = f"weights: {started}" if started else "weights: null"
+            raise ConfigError(
+                f"{what} {path} holds a LoRA adapter trained {over}, and its frozen weights "
+                f"are rebuilt from the config: set the policy's init_args {want}"
+            )
 
 
 def _mlflow_logger_args(config) -> dict | None:

@@ -13,7 +13,8 @@ from lit_grpo.__main__ import main
 from lit_grpo.callbacks import LoraExporter
 from lit_grpo.modules import SFTModule
 from lit_grpo.policies import FluxKontextPolicy, LoraSettings, QwenImageEditPolicy
-from lit_grpo.policies.diffusers_common import ModelFilesError, WordEmbedder
+from lit_grpo.policies.diffusers_common import WordEmbedder
+from lit_grpo.policies.diffusers_folder import ModelFilesError
 from lit_grpo.policies.lora import save_diffusers_lora
 
 # --- LoRA export: what diffusers' pipelines load ---------------------------------------------
@@ -72,33 +73,161 @@ def test_exported_lora_loads_into_the_diffusers_pipeline_and_gives_the_policy_ou
 # --- loading from a local folder -------------------------------------------------------------
 
 
-def test_missing_folder_and_files_are_named(tmp_path):
+def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ModelFilesError, match="pretrained folder not found"):
         FluxKontextPolicy(pretrained=str(tmp_path / "nowhere"))
-    (tmp_path / "transformer").mkdir()
-    with pytest.raises(ModelFilesError, match=r"transformer/config\.json is missing"):
-        FluxKontextPolicy(pretrained=str(tmp_path))
-    for sub in ("transformer", "vae", "text_encoder"):
-        (tmp_path / sub).mkdir(exist_ok=True)
-        (tmp_path / sub / "config.json").write_text("{}")
-    with pytest.raises(ModelFilesError, match=r"QwenImageEditPolicy: .*/processor is missing"):
-        QwenImageEditPolicy(pretrained=str(tmp_path))
 
 
-def save_flux_folder(root, text_encoders: bool = False):
-    """A Kontext folder of tiny parts; the text encoders are configs only unless asked for
-    (then a random CLIP and T5 with hand-made word vocabularies)."""
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """A complete tiny Kontext folder, its transformer's weights in 3 shards and an index."""
+    root = tmp_path_factory.mktemp("flux")
+    save_flux_folder(root)
+    transformer, _ = tiny_flux_parts()
+    for f in (root / "transformer").iterdir():
+        f.unlink()
+    transformer.save_pretrained(root / "transformer", max_shard_size="150KB")
+    return root
+
+
+def half_present(folder, tmp_path, *remove):
+    """A copy of `folder` without the files or sub-folders `remove` (paths inside it)."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    for rel in remove:
+        target = copy / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return copy
+
+
+def refusal(folder) -> str:
+    with pytest.raises(ModelFilesError) as err:
+        FluxKontextPolicy(pretrained=str(folder), dtype="float32", auto_resize=False)
+    return str(err.value)
+
+
+SHARDS = "diffusion_pytorch_model-0000{}-of-00003.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def test_a_complete_folder_with_sharded_weights_loads(flux_folder):
+    assert sorted(f.name for f in (flux_folder / "transformer").glob("*.safetensors")) == [
+        SHARDS.format(i) for i in (1, 2, 3)
+    ]
+    policy = FluxKontextPolicy(pretrained=str(flux_folder), dtype="float32", auto_resize=False)
+    saved, _ = tiny_flux_parts()
+    assert all(
+        torch.equal(a, b) for a, b in zip(saved.parameters(), policy.transformer.parameters())
+    )
+
+
+@pytest.mark.parametrize(
+    ("remove", "missing"),
+    [
+        (["vae"], "vae/ (AutoencoderKL)"),  # the transformer but no VAE
+        (["tokenizer_2"], "tokenizer_2/ (T5's tokenizer)"),
+        (
+            ["tokenizer/merges.txt"],
+            "tokenizer/vocab.json and tokenizer/merges.txt (CLIP's tokenizer)",
+        ),
+        (
+            ["tokenizer_2/tokenizer.json"],
+            "tokenizer_2/tokenizer.json or tokenizer_2/spiece.model (T5's tokenizer)",
+        ),
+        (["text_encoder/config.json"], "text_encoder/config.json (CLIP's text model)"),
+        (
+            ["text_encoder_2/model.safetensors"],
+            "text_encoder_2/model.safetensors or a sharded model.safetensors.index.json "
+            "(T5's encoder's weights)",
+        ),
+        (  # an interrupted download: the index lists a shard that is not there
+            [f"transformer/{SHARDS.format(2)}"],
+            f"transformer/{SHARDS.format(2)} (listed in transformer/{INDEX})",
+        ),
+    ],
+    ids=["no-vae", "no-t5-tokenizer", "clip-tokenizer-half", "t5-tokenizer-empty",
+         "no-clip-config", "no-t5-weights", "missing-shard"],
+)  # fmt: skip
+def test_a_half_present_folder_is_one_error_naming_what_is_missing(
+    flux_folder, tmp_path, remove, missing
+):
+    folder = half_present(flux_folder, tmp_path, *remove)
+    assert refusal(folder) == (
+        f"FluxKontextPolicy: {folder} is not a complete diffusers folder of this model; "
+        f"missing {missing}. docs/backbones.md lists the files it needs"
+    )
+
+
+def test_every_missing_part_is_named_in_the_same_line(flux_folder, tmp_path):
+    folder = half_present(flux_folder, tmp_path, "vae", f"transformer/{SHARDS.format(3)}")
+    (folder / "transformer" / INDEX).write_text("{not json")
+    message = refusal(folder)
+    assert "\n" not in message
+    assert message.startswith(f"FluxKontextPolicy: {folder} is not a complete diffusers folder")
+    assert f"missing a readable transformer/{INDEX} (JSONDecodeError: " in message
+    assert message.endswith("; vae/ (AutoencoderKL). docs/backbones.md lists the files it needs")
+
+
+def test_qwen_names_its_own_parts(flux_folder, tmp_path):
+    gone = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    folder = half_present(flux_folder, tmp_path, *gone)
+    (folder / "vae").mkdir()  # an empty VAE folder: its config and weights are named
+    with pytest.raises(ModelFilesError) as err:
+        QwenImageEditPolicy(pretrained=str(folder))
+    assert str(err.value) == (
+        f"QwenImageEditPolicy: {folder} is not a complete diffusers folder of this model; "
+        "missing vae/config.json (AutoencoderKLQwenImage); vae/diffusion_pytorch_model."
+        "safetensors or a sharded diffusion_pytorch_model.safetensors.index.json "
+        "(AutoencoderKLQwenImage's weights); text_encoder/ (Qwen2.5-VL); processor/ "
+        "(Qwen2.5-VL's processor). docs/backbones.md lists the files it needs"
+    )
+
+
+def test_the_cli_refuses_a_half_present_folder_in_one_line(flux_folder, tmp_path, capsys):
+    folder = half_present(flux_folder, tmp_path, "vae")
+    overlay = OVERLAYS[0]
+    sft = str(overlay.parent.parent / "sft.yaml")
+    pretrained = f"--model.init_args.policy.init_args.pretrained={folder}"
+    capsys.readouterr()
+    assert main(["fit", "--config", sft, "--config", str(overlay), pretrained]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"FluxKontextPolicy: {folder} is not a complete diffusers folder of this model; "
+        "missing vae/ (AutoencoderKL). docs/backbones.md lists the files it needs"
+    ), lines
+
+
+def test_a_lora_target_that_names_no_module_is_refused():
+    from lit_grpo.checks import ConfigError
+
+    policy = FluxKontextPolicy.from_components(*tiny_flux_parts(), WordEmbedder(32, 32))
+    with pytest.raises(ConfigError) as err:
+        policy.add_lora(
+            LoraSettings(rank=2, alpha=2, target_modules=["to_q", "to_qq", "attn.to_z"])
+        )
+    message = str(err.value)
+    assert message.startswith(
+        "lora.target_modules: ['to_qq', 'attn.to_z'] name no module of FluxTransformer2DModel"
+    )
+    assert "'to_q'" in message.split("linear layers end in")[1]  # what there is
+    assert not policy.has_lora
+    # the defaults of both backbones name modules of their transformers
+    for name in BACKBONES:
+        other = BACKBONES[name]()
+        other.add_lora(LoraSettings(rank=2, alpha=2))
+        wrapped = {n for n, m in other.transformer.named_modules() if hasattr(m, "lora_A")}
+        assert all(any(n.endswith(t) for n in wrapped) for t in other.lora_targets)
+
+
+def save_flux_folder(root):
+    """A Kontext folder of tiny parts: transformer, VAE, and a random CLIP and T5 with
+    hand-made word vocabularies."""
     transformer, vae = tiny_flux_parts()
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
-    if text_encoders:
-        save_tiny_text_encoders(root)
-        return transformer
-    for sub in ("text_encoder", "text_encoder_2"):  # configs only: loaded on first use
-        (root / sub).mkdir()
-        (root / sub / "config.json").write_text("{}")
-    for sub in ("tokenizer", "tokenizer_2"):
-        (root / sub).mkdir()
+    save_tiny_text_encoders(root)
     return transformer
 
 
@@ -149,7 +278,9 @@ def save_tiny_text_encoders(root):
 
 def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
     saved = save_flux_folder(tmp_path)
-    policy = FluxKontextPolicy(pretrained=str(tmp_path), dtype="float32", guidance=2.0)
+    policy = FluxKontextPolicy(
+        pretrained=str(tmp_path), dtype="float32", guidance=2.0, auto_resize=False
+    )
     assert policy.text.embedder.models is None  # the text encoders load on first use
     assert all(
         torch.equal(a, b) for a, b in zip(saved.parameters(), policy.transformer.parameters())
@@ -159,8 +290,9 @@ def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
         "dtype": "float32",
         "guidance": 2.0,
         "max_sequence_length": 512,
+        "auto_resize": False,
     }
-    bf16 = FluxKontextPolicy(pretrained=str(tmp_path))
+    bf16 = FluxKontextPolicy(pretrained=str(tmp_path), auto_resize=False)
     assert bf16.latent_dtype == torch.bfloat16
     bf16.add_lora(LoraSettings(rank=2, alpha=2))
     lora = [p for n, p in bf16.named_parameters() if "lora_" in n]
@@ -171,14 +303,16 @@ def test_flux_loads_transformer_and_vae_from_a_local_folder(tmp_path):
     ).encode_condition(scenes(1)["source"], ["move the red square left"])
     assert bf16.velocity(x, torch.tensor([0.5]), cond).dtype == torch.bfloat16
     for weights in (tmp_path / "transformer").glob("*.safetensors"):
-        weights.unlink()
+        weights.write_bytes(b"not a safetensors file")  # there, but unreadable
     with pytest.raises(ModelFilesError, match="could not load FluxTransformer2DModel"):
         FluxKontextPolicy(pretrained=str(tmp_path))
 
 
 def test_flux_text_encoders_load_from_the_folder_on_first_use(tmp_path):
-    save_flux_folder(tmp_path, text_encoders=True)
-    policy = FluxKontextPolicy(str(tmp_path), dtype="float32", max_sequence_length=8)
+    save_flux_folder(tmp_path)
+    policy = FluxKontextPolicy(
+        str(tmp_path), dtype="float32", max_sequence_length=8, auto_resize=False
+    )
     encoders = policy.text.embedder
     assert encoders.models is None
     images = scenes()["source"]
@@ -212,6 +346,55 @@ def test_backbone_overlays_parse_over_method_configs(overlay, method, capsys):
     policy = "FluxKontextPolicy" if "flux" in overlay.name else "QwenImageEditPolicy"
     assert f"class_path: lit_grpo.policies.{policy}" in printed
     assert "rank: 64" in printed and "lr: 0.0001" in printed and "weights: null" in printed
+
+
+ROOT = Path(__file__).resolve().parent.parent
+JSONL = ROOT / "configs/data/jsonl.yaml"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_the_main_job_on_photos_prints_a_readable_config(overlay, capsys):
+    """`fit --config configs/spatialflow.yaml --config <backbone> --config
+    configs/data/jsonl.yaml --print_config`: the composed config, every value plain (no
+    interpolation left, no Python object tags, no long lines), the overlays' values in it."""
+    import yaml
+
+    from lit_grpo.cli import run_cli
+
+    configs = [ROOT / "configs/spatialflow.yaml", overlay, JSONL]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", *(a for c in configs for a in ("--config", str(c))), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert len(lines) < 300 and max(len(line) for line in lines) <= 100
+    assert "${" not in printed and "!!" not in printed and "<" not in printed
+    config = yaml.safe_load(printed)
+    model, data = config["model"], config["data"]
+    assert model["class_path"] == "lit_grpo.modules.SpatialFlowGRPOModule"
+    written = yaml.safe_load(overlay.read_text())["model"]["init_args"]
+    assert model["init_args"]["policy"] == written["policy"]  # every argument, as written
+    assert model["init_args"]["lora"]["rank"] == 64 and model["init_args"]["lr"] == 1e-4
+    assert model["init_args"]["segmenter"]["class_path"] == "lit_grpo.perception.SamClipSegmenter"
+    assert data["class_path"] == "lit_grpo.datamodules.JsonlDataModule"
+    assert data["init_args"]["resolution"] == 1024 and data["init_args"]["train"] == (
+        "data/train.jsonl"
+    )
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, JSONL], ids=lambda p: p.name)
+def test_every_value_in_the_overlays_says_what_it_does(path):
+    """Each line that sets a value (not a `class_path`) carries a comment."""
+    import re
+
+    bare = [
+        line
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*[\w.]+: *[^\s#]", line)
+        and not line.strip().startswith("class_path:")
+        and "#" not in line
+    ]
+    assert bare == []
 
 
 def test_an_overlay_without_local_weights_is_refused_in_one_line(in_tmp, capsys):

@@ -80,7 +80,7 @@ class ConstantPolicy(EditPolicy):
     def decode(self, latents):
         return (latents + 1) / 2
 
-    def encode_condition(self, images, instructions):
+    def encode_condition(self, images, instructions, keys=None):
         n = images.shape[0]
         return Condition(torch.zeros(n, 1, 1), torch.ones(n, 1, dtype=torch.bool), images)
 

@@ -167,8 +167,8 @@ def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
     module = tiny_module([TranslationReward()], score_chunk=1)
     encode = module.policy.encode_condition
 
-    def ragged(source, instructions):  # text padded to the chunk's longest, as Qwen's is
-        cond = encode(source, instructions)
+    def ragged(source, instructions, keys=None):  # text padded per chunk, as Qwen's is
+        cond = encode(source, instructions, keys)
         extra = module.policy.calls = getattr(module.policy, "calls", 0) + 1  # 1, 2, ...
         text = torch.nn.functional.pad(cond.text, (0, 0, 0, extra))
         mask = torch.nn.functional.pad(cond.text_mask, (0, extra))

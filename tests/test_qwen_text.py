@@ -121,7 +121,9 @@ def expected_length(prompt: str, drop: int, template: str) -> int:
 
 
 def test_qwen_text_encoder_from_the_folder_matches_the_pipeline(folder):
-    policy = QwenImageEditPolicy(pretrained=str(folder), dtype="float32", true_cfg=4.0)
+    policy = QwenImageEditPolicy(
+        pretrained=str(folder), dtype="float32", true_cfg=4.0, auto_resize=False
+    )
     encoder = policy.text.embedder
     assert encoder.models is None  # loaded on first use
     batch = scenes()
@@ -154,25 +156,42 @@ def test_qwen_text_encoder_from_the_folder_matches_the_pipeline(folder):
     assert v.shape == x.shape and torch.isfinite(v).all()
 
 
-def test_qwen_text_embeddings_are_cached_per_instruction_and_image(folder):
-    policy = QwenImageEditPolicy(pretrained=str(folder), dtype="float32", true_cfg=1.0)
+def test_qwen_text_embeddings_are_cached_per_instruction_and_named_image(folder, monkeypatch):
+    """The cache names a source image by the key the batch carries (`source_path`), never
+    by its pixels: a cached row reads nothing of the image back to the host."""
+    policy = QwenImageEditPolicy(
+        pretrained=str(folder), dtype="float32", true_cfg=1.0, auto_resize=False
+    )
     batch = scenes()
-    images, prompts = batch["source"], list(batch["instruction"])
-    first = policy.encode_condition(images, prompts)
+    images, prompts, keys = batch["source"], list(batch["instruction"]), ["a.png", "b.png"]
+    first = policy.encode_condition(images, prompts, keys)
     assert first.negative_text.shape[1] == 0  # no negative pass without CFG
     calls = []
     _, model = policy.text.embedder.models
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
 
-    again = policy.encode_condition(images.flip(0), prompts[::-1])
+    def read(*args, **kwargs):
+        raise AssertionError("an image was read back to the host")
+
+    with monkeypatch.context() as m:  # a cached row: no host read of any tensor
+        for name in ("cpu", "numpy", "tolist", "item", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, read)
+        again = policy.embed_text(prompts[::-1], images.flip(0), keys[::-1])
     assert calls == []  # both rows from the cache
     assert torch.equal(again.text, first.text.flip(0))
-    # the same instruction on another image is another entry: one encoder call, one row
+    # a new key is a new entry: one encoder call, for that row only
     changed = images.clone()
     changed[1] = 1 - changed[1]
-    mixed = policy.encode_condition(changed, prompts)
+    mixed = policy.encode_condition(changed, prompts, ["a.png", "c.png"])
     assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 1
     assert torch.equal(mixed.text[0], first.text[0])
     assert not torch.allclose(mixed.text[1], first.text[1])
+    assert len(policy.text.entries) == 3
+    # rows without keys are embedded on every call (no digest of the pixels), not kept
+    for _ in range(2):
+        unnamed = policy.encode_condition(changed, prompts)
+    assert [c["input_ids"].shape[0] for c in calls] == [1, 2, 2]
+    # the same embedding (up to batching: one row of mixed's was embedded alone)
+    assert torch.allclose(unnamed.text, mixed.text, atol=1e-5)
     assert len(policy.text.entries) == 3
     assert np.isfinite(mixed.text.numpy()).all()

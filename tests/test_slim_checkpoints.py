@@ -1,6 +1,8 @@
 """Checkpoints of a diffusers policy built from its local folder and trained with LoRA hold
 the adapter, not the frozen transformer and VAE (`EditPolicy.frozen_from_source`); resume,
-`weights: <ckpt>`, `export` and `LoraExporter` read their frozen weights from the folder."""
+`weights: <ckpt>`, `export` and `LoraExporter` read their frozen weights from the folder.
+A run started from `weights: <file>` writes them too, naming the file: its readers load it
+over the folder's weights before the adapter."""
 
 import shutil
 
@@ -23,6 +25,7 @@ LORA = LoraSettings(rank=4, alpha=8)
 
 
 def flux(folder, **kw):
+    kw = {"auto_resize": False, **kw}
     return FluxKontextPolicy(str(folder), dtype="float32", max_sequence_length=8, **kw)
 
 
@@ -50,7 +53,7 @@ def velocity(policy):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux")
-    save_flux_folder(folder, text_encoders=True)
+    save_flux_folder(folder)
     module, ckpt = fit_one_step(folder, tmp_path_factory.mktemp("run"))
     return folder, module, ckpt
 
@@ -111,7 +114,7 @@ def test_weights_and_export_merge_the_adapter_into_the_folder_weights(trained, t
     folder, module, ckpt = trained
     merged = merged_state_dict(module.policy)
     started = flux(folder, weights=str(ckpt))  # policy.init_args.weights: <ckpt>
-    assert not started.has_lora and not started.built_from_folder
+    assert not started.has_lora and started.base_weights == str(ckpt.resolve())
     assert started.state_dict().keys() == merged.keys()
     assert all(torch.equal(v, merged[k]) for k, v in started.state_dict().items())
 
@@ -160,3 +163,96 @@ def test_the_cli_compares_the_policy_not_where_its_folder_is():
     _check_policy_architecture(entry, model(pretrained="/b", dtype="float32"), "ckpt", "x.ckpt")
     with pytest.raises(ConfigError, match="dtype: checkpoint float32 vs config bfloat16"):
         _check_policy_architecture(entry, model(pretrained="/a", dtype="bfloat16"), "ckpt", "x")
+
+
+# --- a run started from `weights:` --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chained(trained, tmp_path_factory):
+    """A second 1-step run, started with `weights:` the first run's checkpoint (a copy, so
+    that a test may remove it): (folder, its base file, module, its checkpoint)."""
+    folder, _, ckpt = trained
+    base = tmp_path_factory.mktemp("base") / "first.ckpt"
+    shutil.copy(ckpt, base)
+    policy = flux(folder, weights=str(base))
+    module = SFTModule(policy, lora=LORA, lr=5e-2, warmup_steps=1)
+    root = tmp_path_factory.mktemp("second")
+    quiet_fit(module, steps=1, root=root)
+    (second,) = (root / "checkpoints").glob("*.ckpt")
+    return folder, base, module, second
+
+
+def test_a_run_started_from_weights_writes_slim_checkpoints_naming_them(chained, trained):
+    folder, base, module, second = chained
+    policy = module.policy
+    assert policy.frozen_from_source and policy.base_weights == str(base)
+    saved = torch.load(second, weights_only=True, map_location="cpu")
+    lora = {f"policy.{k}" for k in policy.state_dict() if "lora_" in k}
+    assert set(saved["state_dict"]) == lora
+    entry = saved["lit_grpo_policy"]
+    assert entry["weights"] == str(base) and entry["config"]["pretrained"] == str(folder)
+    # the adapter's size, as the first run's: the frozen (merged) weights are not in it
+    assert second.stat().st_size < 1.2 * trained[2].stat().st_size
+
+
+def test_weights_of_it_load_the_base_then_merge_the_adapter(chained):
+    folder, _, module, second = chained
+    merged = merged_state_dict(module.policy)  # folder + first adapter + second adapter
+    started = flux(folder, weights=str(second))
+    assert started.base_weights == str(second)
+    assert started.state_dict().keys() == merged.keys()
+    assert all(torch.equal(v, merged[k]) for k, v in started.state_dict().items())
+    first = flux(folder, weights=str(chained[1]))  # not the first run's weights alone
+    assert any(not torch.equal(v, merged[k]) for k, v in first.state_dict().items())
+
+
+def test_a_resume_of_it_rebuilds_the_frozen_weights_from_the_config(chained, tmp_path):
+    folder, base, module, second = chained
+    trained_v = velocity(module.policy)
+    resumed = SFTModule(flux(folder, weights=str(base)), lora=LORA, lr=5e-2, warmup_steps=1)
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    data = ShapeWorldDataModule(resolution=SIZE, batch_size=2, tasks=["translate"], train_size=4)
+    trainer.fit(resumed, data, ckpt_path=str(second))
+    assert torch.equal(velocity(resumed.policy), trained_v)
+    # the CLI refuses a config without the file the run started from, and the reverse
+    from lit_grpo.checks import ConfigError
+    from lit_grpo.ckpt_path import _check_policy_architecture
+
+    entry = torch.load(second, weights_only=True, map_location="cpu")["lit_grpo_policy"]
+
+    def model(**args):
+        policy = {"class_path": "lit_grpo.policies.FluxKontextPolicy", "init_args": args}
+        return {"init_args": {"policy": policy}}
+
+    _check_policy_architecture(entry, model(weights=str(base)), "checkpoint", second)
+    with pytest.raises(ConfigError) as err:
+        _check_policy_architecture(entry, model(weights=None), "checkpoint", second)
+    assert str(err.value) == (
+        f"checkpoint {second} holds a LoRA adapter trained over `weights: {base}`, and its "
+        f"frozen weights are rebuilt from the config: set the policy's init_args weights: {base}"
+    )
+    first = torch.load(chained[1], weights_only=True, map_location="cpu")["lit_grpo_policy"]
+    with pytest.raises(ConfigError, match="over the pretrained folder alone.* weights: null$"):
+        _check_policy_architecture(first, model(weights=str(base)), "checkpoint", second)
+
+
+def test_export_of_it_needs_the_base_file_and_names_it(chained, tmp_path, capsys):
+    folder, base, module, second = chained
+    out = tmp_path / "policy.safetensors"
+    assert main(["export", str(second), str(out)]) == 0
+    merged = merged_state_dict(module.policy)
+    assert all(torch.equal(v, merged[k]) for k, v in load_file(out).items())
+    moved = tmp_path / "moved.ckpt"
+    shutil.move(str(base), str(moved))
+    try:
+        capsys.readouterr()
+        assert main(["export", str(second), str(tmp_path / "again.safetensors")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1, err
+        assert f"{second} holds a LoRA adapter trained over the policy weights {base}" in err[0]
+        assert f"policy weights file not found: {base}" in err[0]
+    finally:
+        shutil.move(str(moved), str(base))

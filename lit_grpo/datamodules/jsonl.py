@@ -21,7 +21,9 @@ with the count and the lines and trains on the rest.
 
 A batch has ShapeWorld's keys where real data has them (source, instruction, object, task,
 direction, angle, factor, index; target, mask_before, box_before when the rows give them)
-plus `origin` ("file:line" per row), so `GRPOModule` trains on it unchanged. Images are
+plus `origin` ("file:line" per row) and `source_path` (the source image's path: the key a
+policy caches what it computes from a source by, `EditPolicy.encode_condition`), so
+`GRPOModule` trains on it unchanged. Images are
 resized (stretched, our choice: every image of a batch must share one size) to `resolution`.
 Stored pixels are used as they are: EXIF orientation is not applied.
 """
@@ -100,6 +102,7 @@ class JsonlEditDataset(Dataset):
             "factor": torch.tensor(edit.factor, dtype=torch.float32),
             "index": int(index),
             "origin": row.origin,
+            "source_path": str(row.image),
         }
         if row.target is not None:
             sample["target"] = _load_rgb(row.target, (w, h), row.origin)
@@ -255,9 +258,12 @@ class JsonlDataModule(L.LightningDataModule):
         h, w = _checked_side(h, w)
         self.hparams.resolution = h if h == w else [h, w]  # recorded in checkpoints for `edit`
         if policy is not None and hasattr(policy, "token_grid"):
+            # a backbone that edits at a preferred size of its own takes any resolution
+            size = getattr(policy, "edit_size", lambda s: s)
             rows, cols = policy.token_grid((1024, 1024))  # pixels per token side, probed
-            ph, pw = 1024 // rows, 1024 // cols
-            if h % ph or w % pw:
+            ph, pw = size((1024, 1024))[0] // rows, size((1024, 1024))[1] // cols
+            eh, ew = size((h, w))
+            if eh % ph or ew % pw:
                 raise ConfigError(
                     f"data.init_args.resolution {h}x{w} must be a multiple of the policy's "
                     f"token size {ph}x{pw} px"

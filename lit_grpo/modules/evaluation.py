@@ -51,7 +51,9 @@ def evaluate_grpo_edits(module, batch: dict, batch_idx: int, stage: str) -> Tens
     `{stage}/reward` and every part) and fed to its edit metrics (with the detections the
     rewards already made; logged at the end of the epoch)."""
     with module.policy.capture_attention(module.capture_attention) as maps:
-        edits = module.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        edits = module.edit(
+            batch["source"], batch["instruction"], batch_idx, batch.get("source_path")
+        )
     attention = torch.stack(maps).mean(0) if maps else None  # over the ODE steps
     inputs = module.observe(edits, batch, attention=attention)
     module.edit_metrics.update(batch["source"], edits, batch, inputs.before, inputs.after)

@@ -192,7 +192,7 @@ class GRPOModule(PolicyStage):
         source, instructions = batch["source"], list(batch["instruction"])
         regions, g = self.sample_regions(batch), self.hparams.group_size
         args = (self.policy, source, instructions, g, plan, generator, self.capture_attention)
-        return self.sampler(*args, regions)
+        return self.sampler(*args, regions, batch.get("source_path"))
 
     def sample_regions(self, batch: dict) -> Tensor | None:
         """The regions [B * G, h, w] (latent resolution, in [0, 1]) handed to the noise

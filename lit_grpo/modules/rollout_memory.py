@@ -14,8 +14,11 @@ def check_first_rollouts(module, batch: dict) -> None:
     image = tuple(source.shape[1:])
     latent = module.policy.latent_shape(tuple(source.shape[-2:]))
     plan = module.strategy.plan(module.hparams.sample_steps, module.iteration)
+    keys = batch.get("source_path")
     with torch.no_grad():  # one condition, to measure what each rollout repeats
-        one = module.policy.encode_condition(source[:1], list(batch["instruction"])[:1])
+        one = module.policy.encode_condition(
+            source[:1], list(batch["instruction"])[:1], None if keys is None else list(keys)[:1]
+        )
     tensors = [t for t in vars(one).values() if isinstance(t, torch.Tensor)]
     condition = sum(t.numel() * t.element_size() for t in tensors)
     available, what = available_bytes(module.device)

@@ -89,7 +89,7 @@ class SFTModule(PolicyStage):
         if "target" not in batch:
             raise ValueError(_no_targets(batch))
         source, target = batch["source"], batch["target"]
-        cond = self.policy.encode_condition(source, batch["instruction"])
+        cond = self.policy.encode_condition(source, batch["instruction"], batch.get("source_path"))
         x0 = self.policy.encode_images(target)
         noise = randn_like(x0, generator)
         if sigma is None:
@@ -120,14 +120,18 @@ class SFTModule(PolicyStage):
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        edits = self.edit(
+            batch["source"], batch["instruction"], batch_idx, batch.get("source_path")
+        )
         update_edit_metrics(self, batch, edits)
         self.keep_grid(batch_idx, batch["source"], batch["target"], edits)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("test/loss", loss, batch_size=batch["source"].shape[0], sync_dist=True)
-        edits = self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        edits = self.edit(
+            batch["source"], batch["instruction"], batch_idx, batch.get("source_path")
+        )
         update_edit_metrics(self, batch, edits)
 
     def configure_optimizers(self):

@@ -121,15 +121,18 @@ class PolicyStage(L.LightningModule):
         """The module carrying the LoRA adapter (lit_grpo.callbacks.LoraExporter's protocol)."""
         return self.policy.denoiser if self.policy.has_lora else None
 
-    def edit(self, source: Tensor, instructions: list[str], seed: int = 0) -> Tensor:
-        """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler)."""
+    def edit(
+        self, source: Tensor, instructions: list[str], seed: int = 0, keys: list[str] | None = None
+    ) -> Tensor:
+        """ODE-sampled edits [N, 3, H, W] in [0, 1] with seeded noise (the evaluation sampler);
+        `keys` name the sources (a batch's `source_path`) for the policy's caches."""
         steps, shift = self.eval_schedule
         gen = torch.Generator().manual_seed(seed)
-        return self.policy.edit(source, instructions, steps, shift, gen)
+        return self.policy.edit(source, instructions, steps, shift, gen, keys)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         """ODE edits [N, 3, H, W] in [0, 1] of the batch's sources and instructions."""
-        return self.edit(batch["source"], batch["instruction"], seed=batch_idx)
+        return self.edit(batch["source"], batch["instruction"], batch_idx, batch.get("source_path"))
 
     def keep_grid(self, batch_idx: int, *columns: Tensor) -> None:
         """Keep the first `grid_size` rows of each column [N, 3, H, W] of the first validation

@@ -55,15 +55,22 @@ class EditPolicy(nn.Module, ABC):
 
     @abstractmethod
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images [N, 3, H, W] in [0, 1] -> latents [N, C, h, w] (the data point x0)."""
+        """Images [N, 3, H, W] in [0, 1] -> latents [N, C, h, w] (the data point x0) of the
+        images at `edit_size`."""
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1]."""
 
     @abstractmethod
-    def encode_condition(self, images: Tensor, instructions: Sequence[str]) -> Condition:
-        """Encode source images and instructions once; samplers reuse it for every step."""
+    def encode_condition(
+        self, images: Tensor, instructions: Sequence[str], keys: Sequence[str] | None = None
+    ) -> Condition:
+        """Encode source images and instructions once; samplers reuse it for every step.
+
+        `keys`: one string per row naming its source image (a batch's `source_path`), so that
+        a policy may cache what it computes from the image without reading the image back to
+        the host; None where nothing names the images (such a policy then does not cache)."""
 
     @abstractmethod
     def velocity(self, latents: Tensor, sigma: Tensor, condition: Condition) -> Tensor:
@@ -74,9 +81,23 @@ class EditPolicy(nn.Module, ABC):
         return partial(self.velocity, condition=condition)
 
     # Shapes: what samplers and region methods need to know of the latent space.
+    def edit_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) at which the policy edits an image of `image_size` (H, W) pixels: its
+        latents, tokens and `decode`d images have this size. The image's own size here; a
+        backbone with preferred resolutions (FLUX.1-Kontext, Qwen-Image-Edit) resizes its
+        inputs to them, and `decode_to` maps its edits back."""
+        return int(image_size[0]), int(image_size[1])
+
+    def decode_to(self, latents: Tensor, size: tuple[int, int]) -> Tensor:
+        """Latents -> images [N, 3, H, W] in [0, 1] at `size` (the source's, which rewards,
+        metrics and masks share): `decode`, then resized (bicubic, antialiased, clamped:
+        ours) where the policy edits at another size (`edit_size`)."""
+        images = self.decode(latents)
+        return resize_images(images, size)
+
     @abstractmethod
     def latent_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of an image of (H, W) pixels."""
+        """(C, h, w) of the latents of an image of (H, W) pixels (edited at `edit_size`)."""
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -247,11 +268,25 @@ class EditPolicy(nn.Module, ABC):
         steps: int = 10,
         shift: float = 1.0,
         generator: torch.Generator | None = None,
+        keys: Sequence[str] | None = None,
     ) -> Tensor:
-        """ODE-sampled edits [N, 3, H, W] in [0, 1]: the evaluation sampler of every stage."""
-        cond = self.encode_condition(source, instructions)
+        """ODE-sampled edits [N, 3, H, W] in [0, 1], the source's size: the evaluation
+        sampler of every stage (`keys` as in `encode_condition`)."""
+        cond = self.encode_condition(source, instructions, keys)
         noise = randn_like(self.encode_images(source), generator)
-        return self.decode(sample_ode(self.velocity_fn(cond), noise, steps, shift))
+        latents = sample_ode(self.velocity_fn(cond), noise, steps, shift)
+        return self.decode_to(latents, tuple(source.shape[-2:]))
+
+
+def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] resized to `size` (bicubic, antialiased when shrinking,
+    clamped to [0, 1]: ours; diffusers' pipelines resize PIL images with Lanczos); returned
+    as they are when they already have that size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(images.shape[-2:]) == size:
+        return images
+    out = nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True)
+    return out.clamp(0, 1)
 
 
 def _is_checkpointed(block: nn.Module) -> bool:

@@ -1,38 +1,40 @@
-"""What the diffusers backbones share: local folders, text embedders, and the policy skeleton.
+"""What the diffusers backbones share: text embedders, their cache, and the policy skeleton.
 
-- `DiffusersFolder`: a local diffusers folder (the layout `save_pretrained` writes and the
-  Hub snapshots hold: `model_index.json`, `transformer/`, `vae/`, `text_encoder*/`,
-  `tokenizer*/`). Everything loads with `local_files_only=True`; `HF_HUB_OFFLINE=1` is set
-  unless the user set it, so nothing reaches for the network. A missing folder or file is
-  named in a one-line `ModelFilesError` (a `ConfigError`) before any weights are read.
 - Text embedders: a callable `(instructions, images) -> TextEmbedding` (the `TextEmbedder`
   protocol). The real ones (`FluxTextEncoders`, `QwenVLTextEncoder`, in the backbones'
   files) load their encoders from the folder on first use; `WordEmbedder` is a tiny
   trainable-from-nothing one for tests and toy runs. Embedders live outside the policy's
   module tree: they are frozen, never in a checkpoint, never sharded, and stay on the CPU
-  when `text_device="cpu"`. `EmbeddingCache` computes each embedding once.
+  when `text_device="cpu"`.
+- `EmbeddingCache` computes each embedding once and keeps it on the CPU: by instruction, and
+  for an embedder that reads the source image (`uses_image`: Qwen2.5-VL) by instruction and
+  the key the caller names the image by (a batch's `source_path`), never by its pixels
+  (ours: hashing them read every source back to the host on every step). A row whose image
+  has no key is embedded on every call and not kept. A batch's rows are stacked in pinned
+  memory (for a CUDA device) and copied with `non_blocking=True`: a cached embedding costs
+  no host sync.
 - `DiffusersEditPolicy`: the `EditPolicy` parts both backbones share (VAE scale factor,
   shapes, 2x2 packing, LoRA defaults with float32 adapter weights, gradient checkpointing,
-  attention capture, the blocks FSDP shards).
+  attention capture, the blocks FSDP shards) and the pipelines' preferred resolutions: with
+  `auto_resize` every input is resized to the size the pipeline would edit it at
+  (`edit_size`) and `decode_to` maps the edits back to the source's size, where rewards,
+  metrics and masks live.
+- Local folders and the files they must hold: `lit_grpo.policies.diffusers_folder`.
 
 diffusers and transformers are imported inside the functions that use them.
 """
 
-import hashlib
-import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lit_grpo.checks import ConfigError
 from lit_grpo.policies.attention_capture import AttentionRecorder, processors_swapped
-from lit_grpo.policies.base import EditPolicy
+from lit_grpo.policies.base import EditPolicy, resize_images
 from lit_grpo.policies.lora import LoraSettings, add_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,57 +46,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class ModelFilesError(ConfigError):
-    """A local model folder lacks a folder or file the policy needs (one line, named)."""
-
-
-class DiffusersFolder:
-    """A local diffusers folder; `needs` are the sub-folders the policy will load."""
-
-    def __init__(self, path: str, needs: Sequence[str], what: str):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only; never the Hub
-        self.path = Path(path).expanduser()
-        self.what = what
-        if not self.path.is_dir():
-            raise ModelFilesError(
-                f"{what}: pretrained folder not found: {self.path}. Point `pretrained` at a "
-                "local diffusers folder (the Hub snapshot, e.g. from `huggingface-cli "
-                "download` on a machine with network access)"
-            )
-        for sub in needs:
-            self.require(sub)
-
-    def require(self, sub: str) -> Path:
-        folder = self.path / sub
-        marker = "config.json" if not sub.startswith(("tokenizer", "processor")) else None
-        missing = folder if not folder.is_dir() else None
-        if missing is None and marker and not (folder / marker).is_file():
-            missing = folder / marker
-        if missing is not None:
-            raise ModelFilesError(
-                f"{self.what}: {missing} is missing; {self.path} is not a complete "
-                f"diffusers folder of this model (it needs {sub}/)"
-            )
-        return folder
-
-    def load(self, cls, sub: str, dtype: torch.dtype | None = None, **kwargs):
-        """`cls.from_pretrained(path, subfolder=sub, local_files_only=True)`, frozen."""
-        self.require(sub)
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        try:
-            model = cls.from_pretrained(
-                str(self.path), subfolder=sub, local_files_only=True, **kwargs
-            )
-        except (OSError, ValueError) as err:  # a missing weights file, a corrupt config
-            raise ModelFilesError(
-                f"{self.what}: could not load {cls.__name__} from {self.path / sub}: {err}"
-            ) from err
-        if isinstance(model, nn.Module):
-            model.requires_grad_(False).eval()
-        return model
-
-
 @dataclass
 class TextEmbedding:
     """text [N, L, D] token features, mask [N, L] (True on real tokens), pooled [N, P] or None."""
@@ -103,9 +54,9 @@ class TextEmbedding:
     mask: Tensor
     pooled: Tensor | None = None
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "TextEmbedding":
-        move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-        return TextEmbedding(move(self.text), self.mask.to(device), move(self.pooled))
+    def to(self, device, non_blocking: bool = False) -> "TextEmbedding":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TextEmbedding(move(self.text), move(self.mask), move(self.pooled))
 
 
 class TextEmbedder(Protocol):
@@ -146,53 +97,103 @@ class WordEmbedder(nn.Module):
 
 
 class EmbeddingCache:
-    """Each (instruction[, source image]) embedded once; the `size` most recent kept on the
-    CPU. Instructions of a template dataset repeat, so the encoders rarely run. `trim` drops
-    each row's trailing padding (for a backbone that masks padding, so that a row's
-    embedding does not depend on the longest instruction it was batched with)."""
+    """Each (instruction[, named source image]) embedded once; the `size` most recent kept on
+    the CPU. Instructions of a template dataset repeat, so the encoders rarely run. An
+    embedder that reads the image is cached by the image's key (`keys`), never its pixels;
+    rows without a key are embedded every call. `trim` drops each row's trailing padding
+    (for a backbone that masks padding, so that a row's embedding does not depend on the
+    longest instruction it was batched with)."""
 
     def __init__(self, embedder: TextEmbedder, trim: bool = False, size: int = 4096):
         self.embedder, self.trim, self.size = embedder, trim, size
         self.entries: OrderedDict[str, TextEmbedding] = OrderedDict()
 
-    def key(self, instruction: str, image: Tensor) -> str:
+    def key(self, instruction: str, image_key: str | None, size: tuple[int, int]) -> str | None:
+        """The cache key of a row; None for a row the cache cannot name (an image-reading
+        embedder and no image key)."""
         if not getattr(self.embedder, "uses_image", False):
             return instruction
-        digest = hashlib.sha1(image.detach().cpu().float().numpy().tobytes()).hexdigest()
-        return f"{instruction}\0{digest}"
+        if image_key is None:
+            return None
+        return f"{instruction}\0{image_key}\0{size[0]}x{size[1]}"
 
-    def __call__(self, instructions: Sequence[str], images: Tensor) -> list[TextEmbedding]:
-        """One embedding per row, on the CPU."""
-        keys = [self.key(t, im) for t, im in zip(instructions, images)]
-        missing = [k for k in dict.fromkeys(keys) if k not in self.entries]
-        if missing:
-            rows = [keys.index(k) for k in missing]
-            out = self.embedder([instructions[r] for r in rows], images[rows])
-            for j, k in enumerate(missing):
-                length = out.mask.shape[1]
-                if self.trim and out.mask[j].any():
-                    length = int(out.mask[j].nonzero().max()) + 1
-                pooled = None if out.pooled is None else out.pooled[j].detach().cpu()
-                self.entries[k] = TextEmbedding(
-                    out.text[j, :length].detach().cpu(), out.mask[j, :length].cpu(), pooled
-                )
-        for k in keys:
-            self.entries.move_to_end(k)
-        rows = [self.entries[k] for k in keys]
+    def __call__(
+        self,
+        instructions: Sequence[str],
+        images: Tensor,
+        keys: Sequence[str] | None = None,
+        device: torch.device | None = None,
+    ) -> list[TextEmbedding]:
+        """One embedding per row, on the CPU. The images [N, 3, H, W] are moved to the
+        embedder's `device` and read only for the rows embedded now, and only by an
+        embedder that reads them."""
+        n = len(instructions)
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"{len(keys)} image keys for {n} instructions")
+        size = (images.shape[-2], images.shape[-1])
+        image_keys = [None] * n if keys is None else list(keys)
+        names = [self.key(t, k, size) for t, k in zip(instructions, image_keys)]
+        todo: dict = {}  # a missing key (or, for an unnamed row, its index) -> its first row
+        for i, name in enumerate(names):
+            if name is None:
+                todo[i] = i
+            elif name not in self.entries and name not in todo:
+                todo[name] = i
+        fresh = {}
+        if todo:
+            rows = list(todo.values())
+            picked = images if rows == list(range(n)) else images[rows]
+            if device is not None and getattr(self.embedder, "uses_image", False):
+                picked = picked.to(device)  # (an embedder that ignores them: left where they are)
+            out = self.embedder([instructions[r] for r in rows], picked)
+            fresh = dict(zip(todo, self._rows(out)))
+        for name, emb in fresh.items():
+            if isinstance(name, str):
+                self.entries[name] = emb
+        found = [fresh[i] if name is None else self.entries[name] for i, name in enumerate(names)]
+        for name in names:
+            if name is not None:
+                self.entries.move_to_end(name)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
+        return found
+
+    def _rows(self, out: TextEmbedding) -> list[TextEmbedding]:
+        """The embedder's batch as CPU rows (one device-to-host copy per tensor), each
+        trimmed of its trailing padding with `trim`."""
+        text, mask = out.text.detach().cpu(), out.mask.cpu()
+        pooled = None if out.pooled is None else out.pooled.detach().cpu()
+        rows = []
+        for j in range(text.shape[0]):
+            length = mask.shape[1]
+            if self.trim and mask[j].any():
+                length = int(mask[j].nonzero().max()) + 1
+            p = None if pooled is None else pooled[j].clone()
+            rows.append(TextEmbedding(text[j, :length].clone(), mask[j, :length].clone(), p))
         return rows
 
 
-def stack_embeddings(rows: list[TextEmbedding], pad_to: int | None = None) -> TextEmbedding:
-    """Pad the rows' tokens to the longest (or `pad_to`) with zeros and mask False."""
+def stack_embeddings(
+    rows: list[TextEmbedding],
+    pad_to: int | None = None,
+    dtype: torch.dtype | None = None,
+    pin: bool = False,
+) -> TextEmbedding:
+    """Pad the rows' tokens to the longest (or `pad_to`) with zeros and mask False, in
+    `dtype` (the rows' by default); `pin`: in pinned (page-locked) memory, so that the copy
+    to a GPU can run without blocking the host."""
     length = max(pad_to or 0, max(r.text.shape[0] for r in rows))
-    text = torch.zeros(len(rows), length, rows[0].text.shape[-1], dtype=rows[0].text.dtype)
-    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    dtype = dtype or rows[0].text.dtype
+    n, dim = len(rows), rows[0].text.shape[-1]
+    text = torch.zeros(n, length, dim, dtype=dtype, pin_memory=pin)
+    mask = torch.zeros(n, length, dtype=torch.bool, pin_memory=pin)
     for i, r in enumerate(rows):
         text[i, : r.text.shape[0]] = r.text
         mask[i, : r.mask.shape[0]] = r.mask
-    pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+    pooled = None
+    if rows[0].pooled is not None:
+        pooled = torch.empty(n, rows[0].pooled.shape[-1], dtype=dtype, pin_memory=pin)
+        pooled.copy_(torch.stack([r.pooled for r in rows]))
     return TextEmbedding(text, mask, pooled)
 
 
@@ -213,8 +214,9 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
 class DiffusersEditPolicy(EditPolicy):
     """The shared skeleton of the diffusers backbones (see the module docstring).
 
-    Subclasses set `lora_targets`, `vae_scale_factor`, `_encode_latents`,
-    `_decode_latents`, `encode_condition`, `velocity` and `capture_processor`.
+    Subclasses set `lora_targets`, `vae_scale_factor`, `preferred_size`,
+    `_encode_latents`, `_decode_latents`, `encode_condition`, `velocity` and
+    `capture_processor`.
     """
 
     lora_targets: list[str] = []
@@ -228,6 +230,7 @@ class DiffusersEditPolicy(EditPolicy):
         gradient_checkpointing: bool = False,
         config: dict | None = None,
         trim_text: bool = False,
+        auto_resize: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         if text_device not in ("model", "cpu"):
@@ -240,14 +243,19 @@ class DiffusersEditPolicy(EditPolicy):
         self.config = dict(config or {})
         self.recorder = AttentionRecorder()
         self._capturing: list[Tensor] | None = None
-        self.built_from_folder = False  # the constructors set it: `pretrained` alone, no `weights`
+        self.auto_resize = auto_resize
+        # the constructors set these: built from `pretrained` (and the `weights` file merged
+        # over it, named in `base_weights`), so that both can be read again
+        self.built_from_folder = False
+        self.base_weights: str | None = None
         self.checkpoint_activations(gradient_checkpointing)
 
     @property
     def frozen_from_source(self) -> bool:
-        """True when the policy was built from its `pretrained` folder alone (no `weights`
-        file merged over it) and carries a LoRA adapter: the frozen transformer and VAE are
-        then the folder's, and checkpoints hold the adapter only (docs/backbones.md)."""
+        """True when the policy was built from local files alone (its `pretrained` folder,
+        and the `weights` file merged over it if any: `base_weights`) and carries a LoRA
+        adapter: the constructor rebuilds every frozen weight from them, and checkpoints hold
+        the adapter only (docs/backbones.md)."""
         return self.built_from_folder and self.has_lora
 
     @property
@@ -297,28 +305,49 @@ class DiffusersEditPolicy(EditPolicy):
     def vae_scale_factor(self) -> int:
         raise NotImplementedError
 
+    def preferred_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) the backbone's diffusers pipeline edits an image of `image_size` at."""
+        raise NotImplementedError
+
+    def edit_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """`preferred_size` with `auto_resize`, else the image's own size (whose sides must
+        then be multiples of the token size)."""
+        if self.auto_resize:
+            return self.preferred_size((int(image_size[0]), int(image_size[1])))
+        return int(image_size[0]), int(image_size[1])
+
+    def to_edit_size(self, images: Tensor) -> Tensor:
+        """Images [N, 3, H, W] resized to `edit_size` (as they are when it is theirs)."""
+        return resize_images(images, self.edit_size(tuple(images.shape[-2:])))
+
     def _check_size(self, size: tuple[int, int]) -> None:
         step = 2 * self.vae_scale_factor
         if size[0] % step or size[1] % step:
             raise ValueError(
                 f"{type(self).__name__} takes images whose sides are multiples of {step} "
-                f"(VAE factor {self.vae_scale_factor} x 2x2 packing); got {tuple(size)}"
+                f"(VAE factor {self.vae_scale_factor} x 2x2 packing) unless auto_resize is "
+                f"on; got {tuple(size)}"
             )
 
     def latent_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
-        self._check_size(image_size)
+        h, w = self.edit_size(image_size)
+        self._check_size((h, w))
         f = self.vae_scale_factor
-        return self.latent_channels, image_size[0] // f, image_size[1] // f
+        return self.latent_channels, h // f, w // f
 
     def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         _, h, w = self.latent_shape(image_size)
         return h // 2, w // 2
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images [N, 3, H, W] in [0, 1] -> float32 latents [N, C, h, w] (the VAE's mode,
-        scaled and shifted as the pipeline does)."""
+        """Images [N, 3, H, W] in [0, 1] -> float32 latents [N, C, h, w] of the images at
+        `edit_size` (the VAE's mode, scaled and shifted as the pipeline does)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        return self._latents(self.to_edit_size(images))
+
+    def _latents(self, images: Tensor) -> Tensor:
+        """`encode_images` of images already at their edit size."""
         self._check_size(tuple(images.shape[-2:]))
         vae_dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
@@ -329,23 +358,25 @@ class DiffusersEditPolicy(EditPolicy):
         images = self._decode_latents(latents.to(vae_dtype))
         return ((images.float() + 1) / 2).clamp(0, 1)
 
-    def embed_text(self, instructions: Sequence[str], images: Tensor) -> TextEmbedding:
+    def embed_text(
+        self, instructions: Sequence[str], images: Tensor, keys: Sequence[str] | None = None
+    ) -> TextEmbedding:
         """The instructions' embedding [N, L, D] on the images' device, in the transformer's
-        dtype; computed once per instruction (and source image, for a vision-language
-        encoder) on `text_device`."""
+        dtype: computed once per instruction (and named source image, for a vision-language
+        encoder: `keys`) on `text_device`, kept on the CPU, stacked in pinned memory for a
+        CUDA device and copied without blocking."""
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(instructions)} instructions")
-        embedder = self.text.embedder
+        embedder, device = self.text.embedder, images.device
+        text_device = torch.device("cpu") if self.text_device == "cpu" else device
         if isinstance(embedder, nn.Module):
-            device = torch.device("cpu") if self.text_device == "cpu" else images.device
-            embedder.to(device)
-        else:
-            device = "cpu" if self.text_device == "cpu" else images.device
-            if hasattr(embedder, "device"):
-                embedder.device = device
+            embedder.to(text_device)
+        elif hasattr(embedder, "device"):
+            embedder.device = text_device
         with torch.no_grad():
-            rows = self.text(list(instructions), images.to(device))
-        return stack_embeddings(rows).to(images.device, self.latent_dtype)
+            rows = self.text(list(instructions), images, keys, text_device)
+        pinned = stack_embeddings(rows, dtype=self.latent_dtype, pin=device.type == "cuda")
+        return pinned.to(device, non_blocking=True)
 
     # --- attention capture ---------------------------------------------------------------------
     def capture_processor(self):

@@ -15,9 +15,14 @@ What the policy does, as diffusers' `FluxKontextPipeline` does it:
 - guidance: Kontext is guidance-distilled; `guidance` enters through the guidance
   embedding (no second pass), in sampling and in the training forward alike.
 
-Where we depart from the pipeline, on purpose: no resizing of the source to Kontext's
-preferred resolutions (the data module chooses the size), and the VAE's mode is used for
-the SFT targets as well as for the condition.
+- size: with `auto_resize` (the default) the source is resized to the preferred Kontext
+  resolution nearest its aspect ratio (the pipeline's `PREFERRED_KONTEXT_RESOLUTIONS`, read
+  from the installed diffusers; all about 1 MP) and the edit is made at that size; the
+  decoded edits are resized back to the source's size (`decode_to`).
+
+Where we depart from the pipeline, on purpose: the VAE's mode is used for the SFT targets
+as well as for the condition, and images are resized as tensors (bicubic, antialiased)
+where the pipeline resizes PIL images with Lanczos.
 """
 
 from collections.abc import Sequence
@@ -30,14 +35,29 @@ from lit_grpo.policies.attention_capture import FluxCaptureProcessor
 from lit_grpo.policies.base import Condition
 from lit_grpo.policies.diffusers_common import (
     DiffusersEditPolicy,
-    DiffusersFolder,
     TextEmbedder,
     TextEmbedding,
     pack,
     torch_dtype,
     unpack,
 )
-from lit_grpo.policies.weights import load_policy_weights
+from lit_grpo.policies.diffusers_folder import (
+    Component,
+    DiffusersFolder,
+    diffusers_model,
+    transformers_model,
+)
+from lit_grpo.policies.weights import load_policy_weights, weights_reference
+
+# what FluxKontextPolicy loads from its folder (docs/backbones.md lists the files)
+FLUX_KONTEXT_FILES = (
+    diffusers_model("transformer", "FluxTransformer2DModel"),
+    diffusers_model("vae", "AutoencoderKL"),
+    transformers_model("text_encoder", "CLIP's text model"),
+    Component("tokenizer", "CLIP's tokenizer", files=((("vocab.json", "merges.txt"),),)),
+    transformers_model("text_encoder_2", "T5's encoder"),
+    Component("tokenizer_2", "T5's tokenizer", files=((("tokenizer.json",), ("spiece.model",)),)),
+)
 
 
 @dataclass
@@ -109,8 +129,11 @@ class FluxKontextPolicy(DiffusersEditPolicy):
         max_sequence_length: T5 tokens (512 in the pipeline; shorter is faster).
         gradient_checkpointing: recompute each transformer block in the backward pass.
         weights: a lit_grpo weights file or checkpoint of this policy, loaded over the
-            folder's (checkpoints of a policy built so keep every weight; without it they
-            keep the LoRA adapter only: docs/backbones.md).
+            folder's (checkpoints then keep the LoRA adapter and name this file, which must
+            stay readable: docs/backbones.md).
+        auto_resize: edit every source at the preferred Kontext resolution nearest its
+            aspect ratio, as the pipeline does, and resize the edits back to the source's
+            size; False: at the source's own size (sides multiples of 16).
     """
 
     lora_targets = [
@@ -130,17 +153,18 @@ class FluxKontextPolicy(DiffusersEditPolicy):
         max_sequence_length: int = 512,
         gradient_checkpointing: bool = False,
         weights: str | None = None,
+        auto_resize: bool = True,
     ):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-        needs = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-        folder = DiffusersFolder(pretrained, needs, "FluxKontextPolicy")
+        folder = DiffusersFolder(pretrained, FLUX_KONTEXT_FILES, "FluxKontextPolicy")
         d = torch_dtype(dtype)
         config = dict(
             pretrained=pretrained,
             dtype=dtype,
             guidance=guidance,
             max_sequence_length=max_sequence_length,
+            auto_resize=auto_resize,
         )
         self._build(
             folder.load(FluxTransformer2DModel, "transformer", d),
@@ -150,9 +174,11 @@ class FluxKontextPolicy(DiffusersEditPolicy):
             text_device,
             gradient_checkpointing,
             config,
+            auto_resize,
         )
-        self.built_from_folder = weights is None  # else checkpoints keep every weight
+        self.built_from_folder = True  # the frozen weights: the folder's (and `weights`)
         if weights is not None:
+            self.base_weights = weights_reference(weights)
             load_policy_weights(self, weights)
 
     @classmethod
@@ -164,17 +190,26 @@ class FluxKontextPolicy(DiffusersEditPolicy):
         guidance: float = 2.5,
         text_device: str = "model",
         gradient_checkpointing: bool = False,
+        auto_resize: bool = False,
     ) -> "FluxKontextPolicy":
         """A policy of in-memory parts (tests build tiny random ones): a
         `FluxTransformer2DModel`, an `AutoencoderKL` and a text embedder giving token
-        features and a pooled vector."""
+        features and a pooled vector. `auto_resize` is off by default here: tiny models
+        edit at the images' own size."""
         policy = cls.__new__(cls)
-        policy._build(transformer, vae, text, guidance, text_device, gradient_checkpointing)
+        args = (guidance, text_device, gradient_checkpointing, None, auto_resize)
+        policy._build(transformer, vae, text, *args)
         return policy
 
-    def _build(self, transformer, vae, text, guidance, text_device, checkpointing, config=None):
-        self._setup(transformer, vae, text, text_device, checkpointing, config)
+    def _build(
+        self, transformer, vae, text, guidance, text_device, checkpointing, config, auto_resize
+    ):
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        self._setup(transformer, vae, text, text_device, checkpointing, config, False, auto_resize)
         self.guidance = guidance
+        # (width, height) pairs, as the pipeline lists them
+        self.preferred_resolutions = list(PREFERRED_KONTEXT_RESOLUTIONS)
         channels = transformer.config.in_channels
         if channels != 4 * self.latent_channels:
             raise ValueError(
@@ -189,6 +224,14 @@ class FluxKontextPolicy(DiffusersEditPolicy):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def preferred_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The pipeline's rule: the preferred resolution whose aspect ratio (width / height)
+        is nearest the image's (ties: the narrower), floored to multiples of the token size."""
+        aspect = image_size[1] / image_size[0]
+        _, w, h = min((abs(aspect - w / h), w, h) for w, h in self.preferred_resolutions)
+        step = 2 * self.vae_scale_factor
+        return h // step * step, w // step * step
 
     def shard_modules(self) -> list[nn.Module]:
         t = self.transformer
@@ -206,14 +249,17 @@ class FluxKontextPolicy(DiffusersEditPolicy):
         c = self.vae.config
         return self.vae.decode(z / c.scaling_factor + (c.shift_factor or 0.0)).sample
 
-    def encode_condition(self, images: Tensor, instructions: Sequence[str]) -> FluxCondition:
-        emb = self.embed_text(instructions, images)
+    def encode_condition(
+        self, images: Tensor, instructions: Sequence[str], keys: Sequence[str] | None = None
+    ) -> FluxCondition:
+        images = self.to_edit_size(images)
+        emb = self.embed_text(instructions, images, keys)
         if emb.pooled is None:
             raise ValueError(
                 "FluxKontextPolicy needs a pooled instruction vector; the text embedder "
                 f"{type(self.text.embedder).__name__} gives none"
             )
-        latents = self.encode_images(images).to(self.latent_dtype)
+        latents = self._latents(images).to(self.latent_dtype)
         return FluxCondition(emb.text, emb.mask, latents, emb.pooled)
 
     def velocity(self, latents: Tensor, sigma: Tensor, condition: FluxCondition) -> Tensor:

@@ -44,6 +44,7 @@ def add_lora(module: nn.Module, settings: LoraSettings, default_targets: list[st
         raise ValueError(
             f"no LoRA target modules for {type(module).__name__}: set lora.target_modules"
         )
+    _check_targets(module, list(targets))
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -74,6 +75,25 @@ def add_lora(module: nn.Module, settings: LoraSettings, default_targets: list[st
                 "the file's"
             )
         load_lora(module, settings.init_from)
+
+
+def _check_targets(module: nn.Module, targets: list[str]) -> None:
+    """Every target must name a module (peft's rule for a list: the module's dotted name is
+    the target or ends with `.target`); peft itself only refuses a list that matches
+    nothing, and would train fewer layers than asked, silently."""
+    from lit_grpo.checks import ConfigError
+
+    names = [n for n, _ in module.named_modules()]
+    absent = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if absent:
+        linear = sorted(
+            {n.split(".")[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ConfigError(
+            f"lora.target_modules: {absent} name no module of {type(module).__name__} (a "
+            "target matches a module whose dotted name ends with it, e.g. 'to_q' or "
+            f"'ff.net.2'); its linear layers end in {linear}"
+        )
 
 
 def has_lora(module: nn.Module) -> bool:

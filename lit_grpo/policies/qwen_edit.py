@@ -15,8 +15,14 @@ What the policy does, as diffusers' `QwenImageEditPipeline` does it:
   numerator) use the very same guided velocity. `true_cfg <= 1` runs the conditional pass
   alone (half the cost; the pipeline's default scale is 4.0).
 
-Where we depart from the pipeline, on purpose: the source is not resized to ~1 MP for the
-text encoder and the condition latents (the data module chooses the size).
+- size: with `auto_resize` (the default) the source is resized to the pipeline's size for
+  its aspect ratio, an area of `target_area` (1024 x 1024) in sides of multiples of 32
+  (diffusers' `calculate_dimensions`), for the text encoder and the condition latents
+  alike, and the edit is made at that size; the decoded edits are resized back to the
+  source's size (`decode_to`).
+
+Where we depart from the pipeline, on purpose: images are resized as tensors (bicubic,
+antialiased) where the pipeline resizes PIL images with Lanczos.
 """
 
 from collections.abc import Sequence
@@ -29,14 +35,36 @@ from lit_grpo.policies.attention_capture import QwenCaptureProcessor
 from lit_grpo.policies.base import Condition
 from lit_grpo.policies.diffusers_common import (
     DiffusersEditPolicy,
-    DiffusersFolder,
     TextEmbedder,
     TextEmbedding,
     pack,
     torch_dtype,
     unpack,
 )
-from lit_grpo.policies.weights import load_policy_weights
+from lit_grpo.policies.diffusers_folder import (
+    Component,
+    DiffusersFolder,
+    diffusers_model,
+    transformers_model,
+)
+from lit_grpo.policies.weights import load_policy_weights, weights_reference
+
+# what QwenImageEditPolicy loads from its folder (docs/backbones.md lists the files); the
+# processor's image settings are in preprocessor_config.json (processor_config.json where
+# a newer transformers saved it), its tokenizer in tokenizer.json or vocab.json + merges.txt
+QWEN_IMAGE_EDIT_FILES = (
+    diffusers_model("transformer", "QwenImageTransformer2DModel"),
+    diffusers_model("vae", "AutoencoderKLQwenImage"),
+    transformers_model("text_encoder", "Qwen2.5-VL"),
+    Component(
+        "processor",
+        "Qwen2.5-VL's processor",
+        files=(
+            (("preprocessor_config.json",), ("processor_config.json",)),
+            (("tokenizer.json",), ("vocab.json", "merges.txt")),
+        ),
+    ),
+)
 
 
 @dataclass
@@ -115,8 +143,11 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         text_device: where the frozen Qwen2.5-VL runs: "model" or "cpu".
         gradient_checkpointing: recompute each transformer block in the backward pass.
         weights: a lit_grpo weights file or checkpoint of this policy, loaded over the
-            folder's (checkpoints of a policy built so keep every weight; without it they
-            keep the LoRA adapter only: docs/backbones.md).
+            folder's (checkpoints then keep the LoRA adapter and name this file, which must
+            stay readable: docs/backbones.md).
+        auto_resize: edit every source at the pipeline's size for its aspect ratio (about
+            1 MP, sides multiples of 32) and resize the edits back to the source's size;
+            False: at the source's own size (sides multiples of 16).
     """
 
     lora_targets = [
@@ -135,13 +166,14 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         text_device: str = "model",
         gradient_checkpointing: bool = False,
         weights: str | None = None,
+        auto_resize: bool = True,
     ):
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-        needs = ["transformer", "vae", "text_encoder", "processor"]
-        folder = DiffusersFolder(pretrained, needs, "QwenImageEditPolicy")
+        folder = DiffusersFolder(pretrained, QWEN_IMAGE_EDIT_FILES, "QwenImageEditPolicy")
         d = torch_dtype(dtype)
         config = dict(pretrained=pretrained, dtype=dtype, true_cfg=true_cfg)
+        config["auto_resize"] = auto_resize
         self._build(
             folder.load(QwenImageTransformer2DModel, "transformer", d),
             folder.load(AutoencoderKLQwenImage, "vae", d),
@@ -151,9 +183,11 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
             text_device,
             gradient_checkpointing,
             config,
+            auto_resize,
         )
-        self.built_from_folder = weights is None  # else checkpoints keep every weight
+        self.built_from_folder = True  # the frozen weights: the folder's (and `weights`)
         if weights is not None:
+            self.base_weights = weights_reference(weights)
             load_policy_weights(self, weights)
 
     @classmethod
@@ -166,18 +200,24 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         negative_prompt: str = " ",
         text_device: str = "model",
         gradient_checkpointing: bool = False,
+        auto_resize: bool = False,
     ) -> "QwenImageEditPolicy":
         """A policy of in-memory parts (tests build tiny random ones): a
-        `QwenImageTransformer2DModel`, an `AutoencoderKLQwenImage` and a text embedder."""
+        `QwenImageTransformer2DModel`, an `AutoencoderKLQwenImage` and a text embedder.
+        `auto_resize` is off by default here: tiny models edit at the images' own size."""
         policy = cls.__new__(cls)
-        policy._build(
-            transformer, vae, text, true_cfg, negative_prompt, text_device, gradient_checkpointing
-        )
+        args = (true_cfg, negative_prompt, text_device, gradient_checkpointing, None, auto_resize)
+        policy._build(transformer, vae, text, *args)
         return policy
 
-    def _build(self, transformer, vae, text, cfg, negative, text_device, ckpt, config=None):
-        self._setup(transformer, vae, text, text_device, ckpt, config, trim_text=True)
+    def _build(self, transformer, vae, text, cfg, negative, text_device, ckpt, config, resize):
+        self._setup(transformer, vae, text, text_device, ckpt, config, True, resize)
         self.true_cfg, self.negative_prompt = cfg, negative
+        self.target_area = 1024 * 1024  # the pipeline's (`calculate_dimensions(1024 * 1024, .)`)
+        # the VAE's normalisation, on the policy's device (no host copy per encode or decode)
+        c = vae.config
+        self.register_buffer("latents_mean", torch.tensor(c.latents_mean), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(c.latents_std), persistent=False)
         if transformer.config.in_channels != 4 * self.latent_channels:
             raise ValueError(
                 f"the transformer takes {transformer.config.in_channels} input channels, but "
@@ -192,6 +232,15 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
 
+    def preferred_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The pipeline's rule: `target_area` at the image's aspect ratio, each side rounded
+        to a multiple of 32 (diffusers' `calculate_dimensions`), floored to the token size."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        width, height, _ = calculate_dimensions(self.target_area, image_size[1] / image_size[0])
+        step = 2 * self.vae_scale_factor
+        return int(height) // step * step, int(width) // step * step
+
     def shard_modules(self) -> list[nn.Module]:
         return list(self.transformer.transformer_blocks)
 
@@ -199,9 +248,8 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         return QwenCaptureProcessor(self.recorder)
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.vae.config
-        view = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # noqa: E731
-        return view(c.latents_mean), view(c.latents_std)
+        view = lambda v: v.to(like.device, like.dtype).view(1, -1, 1, 1)  # noqa: E731
+        return view(self.latents_mean), view(self.latents_std)
 
     def _encode_latents(self, x: Tensor) -> Tensor:
         z = self.vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]  # [N, C, h, w]
@@ -212,13 +260,16 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
         mean, std = self._stats(z)
         return self.vae.decode((z * std + mean).unsqueeze(2)).sample[:, :, 0]
 
-    def encode_condition(self, images: Tensor, instructions: Sequence[str]) -> QwenCondition:
-        emb = self.embed_text(instructions, images)
+    def encode_condition(
+        self, images: Tensor, instructions: Sequence[str], keys: Sequence[str] | None = None
+    ) -> QwenCondition:
+        images = self.to_edit_size(images)
+        emb = self.embed_text(instructions, images, keys)
         if self.true_cfg > 1:
-            neg = self.embed_text([self.negative_prompt] * len(instructions), images)
+            neg = self.embed_text([self.negative_prompt] * len(instructions), images, keys)
         else:  # no negative pass: empty tensors keep the condition indexable
             neg = TextEmbedding(emb.text[:, :0], emb.mask[:, :0])
-        latents = self.encode_images(images).to(self.latent_dtype)
+        latents = self._latents(images).to(self.latent_dtype)
         return QwenCondition(emb.text, emb.mask, latents, neg.text, neg.mask)
 
     def velocity(self, latents: Tensor, sigma: Tensor, condition: QwenCondition) -> Tensor:

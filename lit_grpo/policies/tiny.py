@@ -241,7 +241,10 @@ class TinyEditPolicy(EditPolicy):
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents + 1) / 2).clamp(0, 1)
 
-    def encode_condition(self, images: Tensor, instructions: Sequence[str]) -> Condition:
+    def encode_condition(
+        self, images: Tensor, instructions: Sequence[str], keys: Sequence[str] | None = None
+    ) -> Condition:
+        """`keys` are not needed: nothing here is computed from an image worth caching."""
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(instructions)} instructions")
         ids, mask = self.tokenizer(instructions, device=images.device)

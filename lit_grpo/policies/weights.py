@@ -5,9 +5,10 @@ Formats:
   in the metadata, the policy class and its constructor config, so an incompatible file is
   named as such instead of failing deep inside `load_state_dict`;
 - a Lightning `.ckpt` of a lit_grpo stage (its `lit_grpo_policy` entry, written by the stage:
-  the merged policy, or for a policy whose frozen weights come from its pretrained folder
-  (`EditPolicy.frozen_from_source`) the LoRA adapter alone, merged over the folder's
-  weights when loaded);
+  the merged policy, or for a policy whose frozen weights come from local files
+  (`EditPolicy.frozen_from_source`) the LoRA adapter alone and, under `weights`, the file
+  the policy was started from (`weights:`), if any: when loaded, that file is loaded over
+  the pretrained folder's weights first, then the adapter merged);
 - a built-in name: a file shipped in `lit_grpo/weights/` (see `BUILTIN`).
 """
 
@@ -59,6 +60,15 @@ def resolve_weights_path(weights: str) -> Path:
     return path
 
 
+def weights_reference(weights: str) -> str:
+    """How a policy records the `weights` it was started from, so that its checkpoints can
+    name the file from any working directory: a built-in name or a URL as given, a local
+    path made absolute."""
+    if weights in BUILTIN or "://" in weights:
+        return weights
+    return str(Path(weights).expanduser().resolve())
+
+
 def policy_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights with any LoRA adapter merged in (a plain, adapter-free state dict)."""
     from lit_grpo.policies.lora import merged_state_dict
@@ -103,17 +113,19 @@ def sharded_checkpoint_entry(policy: nn.Module) -> dict:
 def adapter_checkpoint_entry(
     policy: nn.Module, module_state: dict, prefix: str = "policy."
 ) -> dict:
-    """The `lit_grpo_policy` entry of a policy whose frozen weights come from its pretrained
-    folder (`EditPolicy.frozen_from_source`): its class and config (the folder's path
-    included), the adapter's settings, and the policy's part of `module_state` (the
-    checkpoint's `state_dict`, from which the stage has dropped the frozen weights: the
-    adapter, unmerged, and anything else the folder does not hold). `load_policy_weights`
-    merges the adapter into the folder's weights."""
+    """The `lit_grpo_policy` entry of a policy whose frozen weights come from local files
+    (`EditPolicy.frozen_from_source`): its class and config (the folder's path included),
+    the weights file it was started from (`weights`, or None), the adapter's settings, and
+    the policy's part of `module_state` (the checkpoint's `state_dict`, from which the stage
+    has dropped the frozen weights: the adapter, unmerged, and anything else the folder
+    does not hold). `load_policy_weights` loads that file over the folder's weights, then
+    merges the adapter."""
     from lit_grpo.policies.lora import peft_settings
 
     return {
         "class": type(policy).__name__,
         "config": getattr(policy, "config", {}),
+        "weights": getattr(policy, "base_weights", None),
         "state_dict": {
             k[len(prefix) :]: v for k, v in module_state.items() if k.startswith(prefix)
         },
@@ -196,7 +208,7 @@ def _read_entry(weights: str) -> dict:
                 f"{path} was written under sharding and holds no full copy of the policy; "
                 "start from the base weights and the run's LoRA export (lora.init_from)"
             )
-    return {"lora": None, **entry}
+    return {"lora": None, "weights": None, **entry}
 
 
 def load_policy(weights: str, **overrides) -> nn.Module:
@@ -256,6 +268,8 @@ def load_policy_weights(policy: nn.Module, weights: str) -> None:
                 f"{path} holds a LoRA adapter to merge into the policy's pretrained weights; "
                 "load it before the policy gets its own adapter"
             )
+        if entry["weights"] is not None:  # the file that run started from, first
+            _load_base(policy, entry["weights"], path)
         adapter = {k: v for k, v in state.items() if "lora_" in k}
         try:
             merge_lora_tensors(policy, adapter, lora["rank"], lora["alpha"])
@@ -272,6 +286,17 @@ def load_policy_weights(policy: nn.Module, weights: str) -> None:
             f"{path} does not fit {type(policy).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+
+
+def _load_base(policy: nn.Module, weights: str, path: Path) -> None:
+    """Load the weights file a checkpoint's run was started from (its entry's `weights`)."""
+    try:
+        load_policy_weights(policy, weights)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path} holds a LoRA adapter trained over the policy weights {weights}, which "
+            f"are needed to read it: {err}"
+        ) from None
 
 
 def _check_compatible(policy: nn.Module, path: Path, cls: str | None, config: dict) -> None:

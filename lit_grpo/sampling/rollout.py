@@ -8,7 +8,7 @@
         i an SDE step   -> x_i+1 ~ N(mean, std^2), log p recorded  (Flow-GRPO; noise.step(...))
         otherwise       -> x_i+1 = x_i + (sigma_i+1 - sigma_i) v   (ODE; recorded if trained,
                                                                     Neighbor GRPO's steps)
-    images = policy.decode(x_0)
+    images = policy.decode_to(x_0, source size)
 
 The trajectory is kept in float32 (the network sees it in the policy's latent dtype), so
 the stored transitions are exactly the ones the old log-probabilities scored. Log-probs are
@@ -52,7 +52,8 @@ class RolloutRecord:
     train_steps: the K schedule indices of the trained steps
     sigmas:      [K] noise level of each trained step; sigma_next: [K] the level after it
     sigma_max:   the schedule's second sigma (the SDE std's denominator at sigma = 1)
-    latents:     [N, C, h, w] the final latents;  images: [N, 3, H, W] decoded, in [0, 1]
+    latents:     [N, C, h, w] the final latents;  images: [N, 3, H, W] decoded, in [0, 1],
+                 at the source's size
     attention:   [N, L, rows, cols] instruction-to-image attention averaged over the
                  sampled steps (None unless asked for)
     regions:     [N, h, w] the edit regions the noise builder was given (None if none)
@@ -156,8 +157,10 @@ class RolloutSampler:
         generator: torch.Generator | None = None,
         attention: bool = False,
         regions: Tensor | None = None,
+        keys: list[str] | None = None,
     ) -> RolloutRecord:
-        """Roll out `group_size` edits of each (source [B, 3, H, W], instruction)."""
+        """Roll out `group_size` edits of each (source [B, 3, H, W], instruction); `keys`
+        name the sources for the policy's caches (`EditPolicy.encode_condition`)."""
         if not plan.train_steps:
             raise ValueError("the sampling plan trains no step: nothing to record")
         sde_trained = [k in plan.sde_steps for k in plan.train_steps]
@@ -174,9 +177,9 @@ class RolloutSampler:
                 "sigma is 0 and the Gaussian degenerate: end the plan's SDE steps before it"
             )
         g = group_size
-        cond = policy.encode_condition(source, instructions).repeat_interleave(g)
-        n = source.shape[0] * g
-        shape = (n, *policy.latent_shape(tuple(source.shape[-2:])))
+        cond = policy.encode_condition(source, instructions, keys).repeat_interleave(g)
+        n, size = source.shape[0] * g, tuple(source.shape[-2:])
+        shape = (n, *policy.latent_shape(size))
         dtype = policy.latent_dtype
         like = torch.empty(shape, dtype=dtype, device=source.device)
         x = self.noise.initial(like, g, generator, regions).float()
@@ -214,7 +217,9 @@ class RolloutSampler:
             sigma_next=torch.stack([sigmas[k + 1] for k in plan.train_steps]),
             sigma_max=sigmas[1],
             latents=latents,
-            images=torch.cat([policy.decode(c) for c in self._chunks(latents)]),
+            # at the source's size, where rewards, metrics and masks live (a backbone may
+            # edit at a preferred size of its own: `EditPolicy.edit_size`)
+            images=torch.cat([policy.decode_to(c, size) for c in self._chunks(latents)]),
             group_size=g,
             attention=self._mean_attention(maps, n) if attention else None,
             regions=regions,
