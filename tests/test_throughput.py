@@ -15,6 +15,7 @@ from helpers import (
     tiny_module,
     tiny_policy,
 )
+from torch.overrides import TorchFunctionMode
 
 from lit_grpo.callbacks import ThroughputMonitor
 from lit_grpo.perception.detections import Detections
@@ -155,6 +156,43 @@ def test_a_checkpointed_policy_trains_the_same_weights():
 SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__")
 
 
+class _BooleanIndex(TorchFunctionMode):
+    """Records every boolean-mask index (its size is data-dependent: a host sync)."""
+
+    def __init__(self, record, originals: dict):
+        super().__init__()
+        self.record, self.originals = record, originals
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1]
+            keys = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+                self.record("boolean index")
+        # a counted method (`SyncCounter._wrap`) reaches here as itself: run the original,
+        # or the call would be counted twice
+        return self.originals.get(func, func)(*args, **(kwargs or {}))
+
+
+class _ModeSwitch:
+    """`on = True` enters the mode, `on = False` leaves it (monkeypatch.setattr's undo)."""
+
+    def __init__(self, mode):
+        self.mode, self._on = mode, False
+
+    @property
+    def on(self) -> bool:
+        return self._on
+
+    @on.setter
+    def on(self, value: bool) -> None:
+        if value and not self._on:
+            self.mode.__enter__()
+        elif not value and self._on:
+            self.mode.__exit__(None, None, None)
+        self._on = value
+
+
 class SyncCounter(L.Callback):
     """Counts, while a phase of the step runs (the phase protocol: sampling, rewards,
     update), every call that would make the host wait for a GPU: reading a value back
@@ -169,17 +207,17 @@ class SyncCounter(L.Callback):
         self.calls: list[str] = []
         self.between: list[str] = []
         self.phases: list[str] = []
+        originals = {}
         for name in SYNCS:
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
-        getitem = torch.Tensor.__getitem__
-
-        def indexed(t, index):
-            keys = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
-                self._record("boolean index")
-            return getitem(t, index)
-
-        monkeypatch.setattr(torch.Tensor, "__getitem__", indexed)
+            original = getattr(torch.Tensor, name)
+            originals[counted := self._wrap(name, original)] = original
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        # indexing is watched by a TorchFunctionMode, not by patching Tensor.__getitem__:
+        # setting (and then deleting) __getitem__ on the class leaves CPython's sequence slot
+        # behind, so every 0-d tensor looks like a sequence to later tests (`torch.tensor([t])`
+        # raises "len() of a 0-d tensor"). The mode is entered here and left when
+        # monkeypatch undoes its changes (`_ModeSwitch`).
+        monkeypatch.setattr(_ModeSwitch(_BooleanIndex(self._record, originals)), "on", True)
         for name in ("tensor", "as_tensor"):
             build = getattr(torch, name)
 
