@@ -173,6 +173,15 @@ class Objective:
         raise NotImplementedError
 
 
+def record_noise(record: RolloutRecord, terms: int, generator=None) -> Tensor:
+    """Standard normal noise [N, terms, C, h, w] for re-noising a record's clean latents,
+    drawn on the CPU (`generator`, or the global RNG: a resumed run draws the same) and
+    copied to the record's device without a sync (DiffusionNFT's levels, the scene hold)."""
+    x0 = record.latents
+    noise = torch.randn((len(record), terms, *x0.shape[1:]), generator=generator)
+    return host_to_device(noise, x0.device)
+
+
 def gathered_advantages(
     local_rewards: Tensor, group_size: int, ranks: Ranks, normalise, **kwargs
 ) -> tuple[Advantages, Tensor, Tensor]:

@@ -41,9 +41,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from lit_grpo.objectives.base import Advantages, LossInputs, LossStats, Objective
+from lit_grpo.objectives.base import Advantages, LossInputs, LossStats, Objective, record_noise
 from lit_grpo.objectives.flow_grpo import group_advantages
-from lit_grpo.sampling.flow import host_to_device
 
 
 def optimality(advantages: Tensor, clip: float) -> Tensor:
@@ -137,9 +136,7 @@ class DiffusionNFT(Objective):
         the record is kept: it is freed with the step that made it."""
         if self._record is not None and self._record() is record:
             return
-        x0 = record.latents
-        shape = (len(record), record.num_trained_steps, *x0.shape[1:])
-        self._noise = host_to_device(torch.randn(shape, generator=generator), x0.device)
+        self._noise = record_noise(record, record.num_trained_steps, generator)
         self._record, self._v_old = weakref.ref(record), None
 
     def draws(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from lit_grpo.sampling.flow import add_noise, host_to_device, sigma_schedule
+from lit_grpo.objectives.base import record_noise
+from lit_grpo.sampling.flow import add_noise, sigma_schedule
 
 
 def velocity_hold(v: Tensor, v_ref: Tensor, latent_to_tokens) -> Tensor:
@@ -52,10 +53,8 @@ class HoldDraws:
         device."""
         if self._record is not None and self._record() is record:
             return
-        x0 = record.latents
         self.fractions = torch.rand(terms, generator=generator, dtype=torch.float64).tolist()
-        noise = torch.randn((len(record), terms, *x0.shape[1:]), generator=generator)
-        self.noise = host_to_device(noise, x0.device)
+        self.noise = record_noise(record, terms, generator)
         self._record = weakref.ref(record)
 
     def level(self, k: int, steps: int) -> int:
