@@ -9,16 +9,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import Brightness, quiet_trainer, tiny_data
-from test_backbones import BACKBONES, SIZE, flux_policy, qwen_policy, scenes, tiny_qwen_parts
+from test_backbones import (
+    BACKBONES,
+    SIZE,
+    flux_policy,
+    qwen_policy,
+    scenes,
+    tiny_qwen_parts,
+    tiny_rcgrpo,
+)
 from test_jsonl_data import shapeworld_rows, write_jsonl
 from test_throughput import EverywhereSegmenter, SyncCounter
 
 from lit_grpo.datamodules import JsonlDataModule
-from lit_grpo.modules import GRPOModule, RCGRPOModule
+from lit_grpo.modules import GRPOModule
 from lit_grpo.policies import LoraSettings, QwenImageEditPolicy
 from lit_grpo.policies.base import resize_images
 from lit_grpo.policies.diffusers_common import TextEmbedding, WordEmbedder
-from lit_grpo.rewards import AttentionConcentrationReward
 from lit_grpo.sampling.rollout import RolloutSampler
 from lit_grpo.sampling.strategies import FullTrajectory
 
@@ -88,16 +95,7 @@ def test_sources_are_edited_at_the_preferred_size_and_edits_mapped_back(name):
 def test_a_region_grpo_step_runs_on_sources_of_another_size():
     """RC-GRPO (region noise from the source's masks, the attention reward on the token
     grid) with 16 px ShapeWorld sources, edited at 24 x 24 by the tiny Flux."""
-    policy = small_sizes("flux", [(24, 24)])
-    module = RCGRPOModule(
-        policy,
-        [Brightness(), AttentionConcentrationReward()],
-        lora=LoraSettings(rank=4, alpha=8),
-        group_size=2,
-        sample_steps=2,
-        eval_steps=2,
-        lr=1e-2,
-    )
+    module = tiny_rcgrpo(small_sizes("flux", [(24, 24)]))
     batch = scenes()
     record = module.sample(batch, torch.Generator().manual_seed(0))
     assert record.images.shape == (4, 3, SIZE, SIZE)

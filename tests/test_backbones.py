@@ -279,9 +279,10 @@ def test_one_grpo_module_trains_every_lora_weight(name):
     assert not any(p.requires_grad for n, p in module.named_parameters() if "lora_" not in n)
 
 
-def test_rcgrpo_on_flux_uses_region_noise_and_the_attention_reward():
-    policy = flux_policy()
-    module = RCGRPOModule(
+def tiny_rcgrpo(policy) -> RCGRPOModule:
+    """RC-GRPO on a tiny backbone: the brightness and attention concentration rewards, LoRA
+    rank 4, G = 2, 2 sampling and evaluation steps."""
+    return RCGRPOModule(
         policy,
         [Brightness(), AttentionConcentrationReward()],
         lora=LoraSettings(rank=4, alpha=8),
@@ -290,6 +291,11 @@ def test_rcgrpo_on_flux_uses_region_noise_and_the_attention_reward():
         eval_steps=2,
         lr=1e-2,
     )
+
+
+def test_rcgrpo_on_flux_uses_region_noise_and_the_attention_reward():
+    policy = flux_policy()
+    module = tiny_rcgrpo(policy)
     batch = scenes()
     record = module.sample(batch, torch.Generator().manual_seed(0))
     rows, cols = policy.token_grid((SIZE, SIZE))
