@@ -96,6 +96,20 @@ def post(
     raise NoAnswer(f"{cause}; {retries + 1} tries")
 
 
+def count_failed_batch(reward, cause: str, never_scored: str, source: str) -> None:
+    """Counts a batch without scores on a remote reward (its `failures_in_a_row`, `scored`
+    and `max_failures`): a `RewardFailed` with `never_scored` when it has not scored a batch
+    yet (a setup mistake), or naming `source` once `max_failures` come in a row."""
+    reward.failures_in_a_row += 1
+    if not reward.scored:
+        raise RewardFailed(never_scored)
+    if reward.failures_in_a_row >= reward.max_failures:
+        raise RewardFailed(
+            f"{source} gave no scores for {reward.failures_in_a_row} batches in a row "
+            f"(max_failures={reward.max_failures}; last: {cause})"
+        )
+
+
 class RemoteReward(Reward):
     """The rewards served at `url` (see module docstring).
 
@@ -194,19 +208,14 @@ class RemoteReward(Reward):
 
     def _failed(self, inputs: RewardInputs, cause: str) -> RewardOutput:
         """NaN scores for the batch, counted; a `RewardFailed` when it is one too many."""
-        self.failures_in_a_row += 1
-        if not self.scored:
-            raise RewardFailed(
-                f"RemoteReward: no scores from the reward server at {self.url} ({cause}); "
-                "start it (python -m lit_grpo serve-rewards --config REWARDS.yaml --port N) "
-                "or fix the reward's url"
-            )
-        if self.failures_in_a_row >= self.max_failures:
-            raise RewardFailed(
-                f"RemoteReward: the reward server at {self.url} gave no scores for "
-                f"{self.failures_in_a_row} batches in a row (max_failures={self.max_failures}; "
-                f"last: {cause})"
-            )
+        count_failed_batch(
+            self,
+            cause,
+            f"RemoteReward: no scores from the reward server at {self.url} ({cause}); "
+            "start it (python -m lit_grpo serve-rewards --config REWARDS.yaml --port N) "
+            "or fix the reward's url",
+            f"RemoteReward: the reward server at {self.url}",
+        )
         n, device = inputs.images.shape[0], inputs.images.device
         log.warning(
             "RemoteReward: no scores from %s for %d rollouts (%s): they count as NaN "

@@ -69,7 +69,7 @@ import torch
 
 from lit_grpo.rewards.base import Reward, RewardFailed, RewardInputs, RewardOutput
 from lit_grpo.rewards.judge_answers import Unreadable, score_from_logprobs, score_from_text
-from lit_grpo.rewards.remote import NoAnswer, Refused, post
+from lit_grpo.rewards.remote import NoAnswer, Refused, count_failed_batch, post
 
 log = logging.getLogger(__name__)
 
@@ -303,19 +303,14 @@ class VLMJudgeReward(Reward):
 
     def _failed_batch(self, cause: str) -> None:
         """Counts a batch without any score; a `RewardFailed` when it is one too many."""
-        self.failures_in_a_row += 1
-        if not self.scored:
-            raise RewardFailed(
-                f"VLMJudgeReward: no score from the judge {self.model!r} at {self.url} for any "
-                f"rollout of the first batch (first: {cause}); start the server, fix url or "
-                "model, or change the prompt so that the model answers with a number"
-            )
-        if self.failures_in_a_row >= self.max_failures:
-            raise RewardFailed(
-                f"VLMJudgeReward: the judge at {self.url} gave no scores for "
-                f"{self.failures_in_a_row} batches in a row (max_failures={self.max_failures}; "
-                f"last: {cause})"
-            )
+        count_failed_batch(
+            self,
+            cause,
+            f"VLMJudgeReward: no score from the judge {self.model!r} at {self.url} for any "
+            f"rollout of the first batch (first: {cause}); start the server, fix url or "
+            "model, or change the prompt so that the model answers with a number",
+            f"VLMJudgeReward: the judge at {self.url}",
+        )
 
 
 def png_data_urls(images: torch.Tensor) -> list[str]:
