@@ -2,19 +2,20 @@
 sampling (issue 25), against a reward server of artificial latency.
 
     OMP_NUM_THREADS=1 python benchmarks/reward_overlap.py                  # a table
-    python benchmarks/reward_overlap.py --latency 0.5 --batch-size 8 --steps 4
+    python benchmarks/reward_overlap.py --latency 0.5 --batch-size 8 --steps 4 --rounds 1
+    python benchmarks/reward_overlap.py --score-chunk 1     # 8 chunks of one condition
 
 The benchmark starts `python -m lit_grpo serve-rewards` on a free port of 127.0.0.1 (its own
 process), serving `SleepyTranslation` (TranslationReward that sleeps `latency` seconds per
 step's worth of rollouts, pro rata: a chunk of 1/C of the rollouts sleeps latency / C, as
 a batched judge's time grows with its rows) and `BackgroundReward`; it stops the server on
-leaving, whatever happens. Variants, each a fit of `--steps` GRPO iterations (the first is
-warm-up, not timed) of `GRPOModule` with the embedded editor (random weights, LoRA r4):
+leaving, whatever happens. Variants, each `--rounds` fits (taken in turn, variant after
+variant) of `--steps` GRPO iterations (the first is warm-up, not timed) of `GRPOModule` with the embedded editor (random weights, LoRA r4):
 
 - `in-process`:            TranslationReward + BackgroundReward in the trainer (no latency);
 - `remote`:                the served rewards (the step waits `latency` on the server);
-- `in-process chunked`:    `score_chunk` conditions at a time, in-process (what chunking
-                           alone costs: smaller policy batches);
+- `in-process chunked`:    the conditions in chunks of `--score-chunk` sizes, in-process
+                           (what chunking alone costs: smaller policy batches);
 - `remote chunked`:        the same chunks, served, scored in turn;
 - `remote overlapped`:     the same chunks, each scored in the worker thread while the next
                            one samples (`overlap_scoring`).
@@ -24,9 +25,10 @@ of what the server costs the step that overlapping hides, chunking's own cost in
 and the share of the chunks' reward time hidden, 1 - (remote overlapped - in-process
 chunked) / (remote chunked - in-process chunked). Both for the whole step and for its
 sampling and rewards phases (`time/sampling` + `time/rewards`, the module's own clock; the
-update, which the rewards do not touch, adds noise to the whole step's differences). With C chunks the last chunk's scoring cannot
-be hidden (nothing samples after it): at most 1 - 1/C, if a chunk samples at least as long
-as it is scored.
+update, which the rewards do not touch, adds noise to the whole step's differences). The
+last chunk's scoring cannot be hidden (nothing samples after it): with C equal chunks at
+most 1 - 1/C, if a chunk samples at least as long as it is scored; shrinking chunks
+(4, 2, 1, 1) leave the last 1/8 exposed in 4 chunks rather than 8.
 """
 
 import argparse
@@ -154,12 +156,21 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5, help="server seconds per step")
     parser.add_argument("--batch-size", type=int, default=8, help="conditions per step")
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--score-chunk", type=int, default=1, help="conditions per chunk")
+    parser.add_argument(
+        "--score-chunk",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[4, 2, 1, 1],
+        help="conditions per chunk, in turn, comma-separated (the last size repeats): 1 "
+        "is one condition at a time; 4,2,1,1 (default) shrinking chunks of 8 conditions",
+    )
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6, help="GRPO iterations (1 warm-up)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="fits of each variant, interleaved (in turn)"
+    )
     args = parser.parse_args()
 
     from lit_grpo.rewards import BackgroundReward, RemoteReward
@@ -178,27 +189,35 @@ def main() -> None:
         try:
             local = [TranslationReward(), BackgroundReward(weight=0.5)]
             chunk = args.score_chunk
-            times = {
-                "in-process": step_seconds(args, local),
-                "remote": step_seconds(args, [RemoteReward(server.url)]),
-                "in-process chunked": step_seconds(
+            variants = {
+                "in-process": lambda: step_seconds(args, local),
+                "remote": lambda: step_seconds(args, [RemoteReward(server.url)]),
+                "in-process chunked": lambda: step_seconds(
                     args, [TranslationReward(), BackgroundReward(weight=0.5)], chunk
                 ),
-                "remote chunked": step_seconds(args, [RemoteReward(server.url)], chunk),
-                "remote overlapped": step_seconds(
+                "remote chunked": lambda: step_seconds(args, [RemoteReward(server.url)], chunk),
+                "remote overlapped": lambda: step_seconds(
                     args, [RemoteReward(server.url)], chunk, overlap=True
                 ),
             }
+            # rounds interleave the variants, so a drift of the machine's speed falls on all
+            times = {name: [] for name in variants}
+            for _ in range(args.rounds):
+                for name, fit in variants.items():
+                    times[name] += fit()
         finally:
             server.close()
     mean = {k: sum(t for t, _ in v) / len(v) for k, v in times.items()}
     part = {k: sum(p for _, p in v) / len(v) for k, v in times.items()}
-    chunks = -(-args.batch_size // args.score_chunk)
+    from lit_grpo.modules.chunked_scoring import chunk_sizes
+
+    sizes = chunk_sizes(args.batch_size, args.score_chunk)
+    chunks, last = len(sizes), sizes[-1] / args.batch_size
     print(
         f"\n{args.batch_size} conditions x {args.group_size} rollouts a step, "
         f"{args.sample_steps} sampling steps, {args.resolution} px, editor width {args.width} "
         f"depth {args.depth}; server latency {args.latency:g} s a step; score_chunk "
-        f"{args.score_chunk} ({chunks} chunks); {len(times['remote'])} timed steps each; "
+        f"{sizes} ({chunks} chunks); {len(times['remote'])} timed steps each; "
         f"torch threads {torch.get_num_threads()}\n"
     )
     print("| variant | s / step | vs in-process | sampling + rewards s | vs in-process |")
@@ -217,7 +236,10 @@ def main() -> None:
             left = values["remote overlapped"] - values[base]
             hidden = 1 - left / cost if cost > 0 else 0.0
             print(f"  overlap hides {hidden:.0%} of {what}: {cost:.3f} s")
-    print(f"(at most {1 - 1 / chunks:.0%} with {chunks} chunks: the last one is never hidden)")
+    print(
+        f"(at most {1 - last:.0%}: the last chunk, {last:.0%} of the conditions, is never "
+        "hidden, and the others only where each is scored within the next one's sampling)"
+    )
 
 
 if __name__ == "__main__":

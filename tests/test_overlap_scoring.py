@@ -14,7 +14,7 @@ from test_user_errors import error_of
 from lit_grpo.__main__ import main
 from lit_grpo.checks import ConfigError
 from lit_grpo.cli import run_cli
-from lit_grpo.modules.chunked_scoring import condition_chunks, sample_and_score
+from lit_grpo.modules.chunked_scoring import chunk_sizes, condition_chunks, sample_and_score
 from lit_grpo.modules.phases import PhaseClock
 from lit_grpo.rewards import RewardOutput, TranslationReward
 from lit_grpo.rewards.base import RewardFailed
@@ -72,6 +72,12 @@ def test_a_fit_with_overlapped_scoring_trains_exactly_as_the_serial_chunks(in_tm
     assert any(not torch.equal(p, initial[n]) for n, p in trained.items())  # it trained
     for name, p in trained.items():
         assert torch.equal(p, serial[name]), name
+    # the chunk sizes as a YAML list reach the chunker: [1] is one condition at a time
+    listed = run_cli(["fit", *args, "--model.init_args.score_chunk=[1]"]).model
+    assert listed.hparams.score_chunk == [1]
+    for name, p in listed.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, serial[name]), name
     logged = cli.trainer.logged_metrics
     assert logged["time/rewards"] >= 0 and logged["time/sampling"] > 0
 
@@ -159,8 +165,9 @@ def test_overlap_without_chunks_is_refused_in_one_line(in_tmp, capsys):
         "overlap_scoring needs score_chunk: the conditions sampled while the previous ones are "
         "scored (e.g. model.init_args.score_chunk: 1)"
     )
-    with pytest.raises(ValueError, match="score_chunk must be >= 1"):
-        tiny_module([TranslationReward()], score_chunk=0)
+    for bad in (0, [], [2, 0]):
+        with pytest.raises(ValueError, match="score_chunk must be >= 1"):
+            tiny_module([TranslationReward()], score_chunk=bad)
 
 
 def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
@@ -183,6 +190,19 @@ def test_a_policy_that_pads_its_conditions_per_chunk_is_refused_in_one_line():
         f"({l_tokens + 2}, {width}) per row, chunk 1's as ({l_tokens + 1}, {width}) (it pads "
         "per batch); leave score_chunk unset with this policy"
     )
+
+
+def test_listed_chunk_sizes_shrink_and_their_last_size_repeats():
+    assert chunk_sizes(8, [4, 2, 1, 1]) == [4, 2, 1, 1]
+    assert chunk_sizes(10, [4, 2, 1]) == [4, 2, 1, 1, 1, 1]  # the last size repeats
+    assert chunk_sizes(5, [4, 2]) == [4, 1]  # the last chunk is what is left
+    assert chunk_sizes(2, [4, 2]) == [2]
+    assert chunk_sizes(7, 3) == [3, 3, 1] and chunk_sizes(7, None) == [7]
+    batch = shapeworld_batch(7)
+    chunks = condition_chunks(batch, [4, 2, 1])
+    assert [c["source"].shape[0] for c in chunks] == [4, 2, 1]
+    assert [len(c["instruction"]) for c in chunks] == [4, 2, 1]
+    assert torch.equal(torch.cat([c["target"] for c in chunks]), batch["target"])
 
 
 def test_chunks_split_conditions_and_scores_join_in_order():

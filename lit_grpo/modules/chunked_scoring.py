@@ -14,6 +14,12 @@ on all chunks' scores at once. The rollouts do not depend on `overlap` (the gene
 drawn chunk after chunk either way), so neither do the losses and gradients; they do
 differ from unchunked rollouts, whose noise is drawn in another order.
 
+What overlap cannot hide is the last chunk's scoring (nothing samples after it), and every
+chunk costs a policy call per sampling step on fewer rows. So `score_chunk` may be a list
+of shrinking sizes, e.g. [4, 2, 1, 1] for 8 conditions: a chunk only has to be scored
+within the next chunk's sampling, and the last, unhidden one is small (1/8 of the rewards'
+time, in 4 chunks rather than 8 of one condition).
+
 Only rewards that release the GIL gain: a `RemoteReward` waiting on its server, rewards
 running on a GPU. Pure-Python or CPU-bound rewards would compete with sampling for the
 same cores. The worker is one thread: chunks are judged one after another, in order, so a
@@ -36,10 +42,14 @@ from lit_grpo.rewards.scoring import Scores
 from lit_grpo.sampling.rollout import RolloutRecord
 
 
-def check_chunking(score_chunk: int | None, overlap_scoring: bool) -> None:
-    """Refuse, at construction, a chunk size below 1 and overlap without chunks."""
-    if score_chunk is not None and score_chunk < 1:
-        raise ValueError(f"score_chunk must be >= 1 (or None), got {score_chunk}")
+def check_chunking(score_chunk: int | list[int] | None, overlap_scoring: bool) -> None:
+    """Refuse, at construction, a chunk size below 1 (or an empty list) and overlap without
+    chunks."""
+    sizes = score_chunk if isinstance(score_chunk, (list, tuple)) else [score_chunk]
+    if not sizes or any(s is not None and (isinstance(s, bool) or s < 1) for s in sizes):
+        raise ValueError(
+            f"score_chunk must be >= 1, a list of sizes >= 1, or None; got {score_chunk}"
+        )
     if overlap_scoring and score_chunk is None:
         raise ValueError(
             "overlap_scoring needs score_chunk: the conditions sampled while the previous "
@@ -47,11 +57,24 @@ def check_chunking(score_chunk: int | None, overlap_scoring: bool) -> None:
         )
 
 
-def condition_chunks(batch: dict, size: int | None) -> list[dict]:
-    """`batch` (B conditions) split into consecutive chunks of at most `size` conditions:
-    every tensor and list of B rows is sliced, anything else kept."""
+def chunk_sizes(b: int, size: int | list[int] | None) -> list[int]:
+    """The sizes of the chunks of `b` conditions: `size` at a time (the last chunk what is
+    left), or a list's sizes in turn, its last size repeated while conditions remain and the
+    last chunk cut to what is left (so [4, 2, 1] on 10 conditions is 4, 2, 1, 1, 1, 1)."""
+    if size is None:
+        return [b]
+    sizes, wanted = [], list(size) if isinstance(size, (list, tuple)) else [size]
+    while sum(sizes) < b:
+        sizes.append(min(wanted[min(len(sizes), len(wanted) - 1)], b - sum(sizes)))
+    return sizes
+
+
+def condition_chunks(batch: dict, size: int | list[int] | None) -> list[dict]:
+    """`batch` (B conditions) split into consecutive chunks of `chunk_sizes(B, size)`
+    conditions: every tensor and list of B rows is sliced, anything else kept."""
     b = batch["source"].shape[0]
-    if size is None or size >= b:
+    sizes = chunk_sizes(b, size)
+    if len(sizes) == 1:
         return [batch]
 
     def rows(value, part: slice):
@@ -61,12 +84,18 @@ def condition_chunks(batch: dict, size: int | None) -> list[dict]:
             return value[part]
         return value
 
-    parts = [slice(i, min(i + size, b)) for i in range(0, b, size)]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    parts = [slice(start, start + n) for start, n in zip(starts, sizes)]
     return [{k: rows(v, part) for k, v in batch.items()} for part in parts]
 
 
 def sample_and_score(
-    module, batch: dict, size: int | None, overlap: bool, clock: PhaseClock, trainer=None
+    module,
+    batch: dict,
+    size: int | list[int] | None,
+    overlap: bool,
+    clock: PhaseClock,
+    trainer=None,
 ) -> tuple[RolloutRecord, Scores]:
     """The rollouts and scores of `batch`, `size` conditions at a time (see module docstring);
     the phases "sampling" and "rewards" are announced and timed chunk by chunk, so that with

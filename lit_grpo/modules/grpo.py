@@ -86,7 +86,9 @@ class GRPOModule(PolicyStage):
         micro_batch_size: the most rollouts one forward (and backward) pass sees, in
             sampling and in the update (None: all); rollouts and gradients do not change.
         score_chunk: sample and score this many conditions (x G rollouts) at a time (None:
-            all at once); the rollouts change (the noise is drawn chunk after chunk).
+            all at once), or a list of chunk sizes in turn, e.g. [4, 2, 1, 1] (its last
+            size repeats while conditions remain); the rollouts change (the noise is drawn
+            chunk after chunk).
         overlap_scoring: score each chunk in a background thread while the next one
             samples (needs `score_chunk`); rollouts, losses and gradients do not change.
             Gains only with rewards that release the GIL (`RemoteReward`, GPU rewards).
@@ -121,7 +123,7 @@ class GRPOModule(PolicyStage):
         metrics: EditMetrics | None = None,
         sharding: ShardingSettings | None = None,
         micro_batch_size: int | None = None,
-        score_chunk: int | None = None,
+        score_chunk: int | list[int] | None = None,
         overlap_scoring: bool = False,
     ):
         if not rewards:
