@@ -9,8 +9,8 @@ The benchmark starts `python -m lit_grpo serve-rewards` on a free port of 127.0.
 process), serving `SleepyTranslation` (TranslationReward that sleeps `latency` seconds per
 step's worth of rollouts, pro rata: a chunk of 1/C of the rollouts sleeps latency / C, as
 a batched judge's time grows with its rows) and `BackgroundReward`; it stops the server on
-leaving, whatever happens. Variants, each `--rounds` fits (taken in turn, variant after
-variant) of `--steps` GRPO iterations (the first is warm-up, not timed) of `GRPOModule` with the embedded editor (random weights, LoRA r4):
+leaving, whatever happens. Variants, each a `GRPOModule` with the embedded editor (random
+weights, LoRA r4):
 
 - `in-process`:            TranslationReward + BackgroundReward in the trainer (no latency);
 - `remote`:                the served rewards (the step waits `latency` on the server);
@@ -20,12 +20,20 @@ variant) of `--steps` GRPO iterations (the first is warm-up, not timed) of `GRPO
 - `remote overlapped`:     the same chunks, each scored in the worker thread while the next
                            one samples (`overlap_scoring`).
 
+First, the step's sampling and rewards phases alone (`sample_and_score`, what
+`training_step` runs before the advantages; the update does not touch the rewards), each
+variant a module of its own on one batch, `--reps` repetitions with the variants taken in
+turn in each (paired: a drift of the machine's speed falls on all alike; on these 2 cores
+one step's sampling varies by +-20% from one repetition to the next). Then `--rounds`
+whole fits of each variant (taken in turn) of `--steps` GRPO iterations (the first is
+warm-up, not timed), the update included.
+
 Printed: `hidden`, 1 - (remote overlapped - in-process) / (remote - in-process), the share
 of what the server costs the step that overlapping hides, chunking's own cost included;
 and the share of the chunks' reward time hidden, 1 - (remote overlapped - in-process
-chunked) / (remote chunked - in-process chunked). Both for the whole step and for its
-sampling and rewards phases (`time/sampling` + `time/rewards`, the module's own clock; the
-update, which the rewards do not touch, adds noise to the whole step's differences). The
+chunked) / (remote chunked - in-process chunked), with bootstrap 95% intervals over the
+repetitions. The whole fits print seconds per step and their sampling and rewards phases
+(`time/sampling` + `time/rewards`, the module's own clock). The
 last chunk's scoring cannot be hidden (nothing samples after it): with C equal chunks at
 most 1 - 1/C, if a chunk samples at least as long as it is scored; shrinking chunks
 (4, 2, 1, 1) leave the last 1/8 exposed in 4 chunks rather than 8.
@@ -151,6 +159,99 @@ def step_seconds(args, rewards, score_chunk=None, overlap=False) -> list[tuple[f
     return clock.times[1:]
 
 
+def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of the sampling and rewards phases of one GRPO step (`sample_and_score`, what
+    `training_step` runs before the advantages) for each variant, `reps` times, the variants
+    taken in turn within each repetition (rotated, so none always runs first): a drift of
+    the machine's speed falls on all of them alike, and the differences are paired. Every
+    variant has its own module built from the same seed, on the same batch of conditions.
+    `variants`: name -> (rewards, score_chunk, overlap)."""
+    from lit_grpo.datamodules import ShapeWorldDataModule
+    from lit_grpo.modules import GRPOModule
+    from lit_grpo.modules.chunked_scoring import sample_and_score
+    from lit_grpo.modules.phases import PhaseClock
+    from lit_grpo.policies import LoraSettings, TinyEditPolicy
+
+    data = ShapeWorldDataModule(
+        resolution=args.resolution, batch_size=args.batch_size, tasks=["translate"]
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    modules = {}
+    for name, (rewards, chunk, overlap) in variants.items():
+        torch.manual_seed(0)
+        modules[name] = GRPOModule(
+            TinyEditPolicy(width=args.width, depth=args.depth, heads=4),
+            rewards,
+            lora=LoraSettings(rank=4, alpha=4),
+            group_size=args.group_size,
+            sample_steps=args.sample_steps,
+            score_chunk=chunk,
+            overlap_scoring=overlap,
+        )
+    names = list(modules)
+    seconds = {name: [] for name in names}
+    for rep in range(reps + 1):  # the first repetition warms up, not timed
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            module = modules[name]
+            module._generator = torch.Generator().manual_seed(rep)
+            chunk, overlap = module.hparams.score_chunk, module.hparams.overlap_scoring
+            clock = PhaseClock(torch.device("cpu"))
+            start = time.perf_counter()
+            sample_and_score(module, batch, chunk, overlap, clock)
+            if rep:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def paired_summary(seconds: dict[str, list[float]], latency: float) -> None:
+    """Mean seconds of each variant and its paired difference to `in-process` (95%
+    intervals, t over the repetitions); the shares of the server's cost that overlapping
+    hides, with bootstrap 95% intervals over the repetitions."""
+    import random
+    import statistics
+
+    base = seconds["in-process"]
+    n = len(base)
+    # Student's t, two-sided 95%, for n - 1 degrees of freedom (1.96 beyond the table)
+    t = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    t = t.get(n - 1, 2.23 if n <= 11 else 2.09 if n <= 21 else 2.04 if n <= 31 else 1.96)
+
+    def interval(values):
+        return statistics.fmean(values), t * statistics.stdev(values) / len(values) ** 0.5
+
+    print("| variant | s (sampling + rewards) | vs in-process (paired) |")
+    print("| --- | --- | --- |")
+    for name, values in seconds.items():
+        mean, half = interval(values)
+        diff, dhalf = interval([v - b for v, b in zip(values, base)])
+        print(f"| {name} | {mean:.3f} ± {half:.3f} | {diff:+.3f} ± {dhalf:.3f} |")
+
+    def hidden(rows, served, base_name):
+        cost = statistics.fmean(seconds[served][i] - seconds[base_name][i] for i in rows)
+        left = statistics.fmean(
+            seconds["remote overlapped"][i] - seconds[base_name][i] for i in rows
+        )
+        return 1 - left / cost if cost > 0 else float("nan")
+
+    rng = random.Random(0)
+    every = list(range(n))
+    for served, base_name, what in (
+        (
+            "remote",
+            "in-process",
+            f"the server's cost ({latency:g} s of latency; chunking's own cost included)",
+        ),
+        ("remote chunked", "in-process chunked", "the same chunks' reward time"),
+    ):
+        point = hidden(every, served, base_name)
+        boot = sorted(
+            hidden([rng.randrange(n) for _ in every], served, base_name) for _ in range(2000)
+        )
+        low, high = boot[50], boot[1949]
+        print(f"overlap hides {point:.0%} [{low:.0%}, {high:.0%}] of {what}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latency", type=float, default=0.5, help="server seconds per step")
@@ -167,15 +268,27 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="GRPO iterations (1 warm-up)")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="fits of each variant, interleaved (in turn)"
+        "--reps", type=int, default=20, help="paired repetitions of each step's phases"
+    )
+    parser.add_argument("--steps", type=int, default=6, help="GRPO iterations a fit (1 warm-up)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="whole fits of each variant, in turn (0: none)"
     )
     args = parser.parse_args()
 
+    from lit_grpo.modules.chunked_scoring import chunk_sizes
     from lit_grpo.rewards import BackgroundReward, RemoteReward
 
     rows = args.batch_size * args.group_size
+    sizes = chunk_sizes(args.batch_size, args.score_chunk)
+    chunks, last = len(sizes), sizes[-1] / args.batch_size
+    print(
+        f"{args.batch_size} conditions x {args.group_size} rollouts a step, "
+        f"{args.sample_steps} sampling steps, {args.resolution} px, editor width {args.width} "
+        f"depth {args.depth}; server latency {args.latency:g} s a step; score_chunk "
+        f"{sizes} ({chunks} chunks); torch threads {torch.get_num_threads()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "sleepy.yaml"
         config.write_text(
@@ -187,59 +300,51 @@ def main() -> None:
         )
         server = _Server(str(config))
         try:
-            local = [TranslationReward(), BackgroundReward(weight=0.5)]
+
+            def local():
+                return [TranslationReward(), BackgroundReward(weight=0.5)]
+
+            def remote():
+                return [RemoteReward(server.url)]
+
             chunk = args.score_chunk
-            variants = {
-                "in-process": lambda: step_seconds(args, local),
-                "remote": lambda: step_seconds(args, [RemoteReward(server.url)]),
-                "in-process chunked": lambda: step_seconds(
-                    args, [TranslationReward(), BackgroundReward(weight=0.5)], chunk
-                ),
-                "remote chunked": lambda: step_seconds(args, [RemoteReward(server.url)], chunk),
-                "remote overlapped": lambda: step_seconds(
-                    args, [RemoteReward(server.url)], chunk, overlap=True
-                ),
+            variants = {  # name: (rewards, score_chunk, overlap_scoring)
+                "in-process": (local, None, False),
+                "remote": (remote, None, False),
+                "in-process chunked": (local, chunk, False),
+                "remote chunked": (remote, chunk, False),
+                "remote overlapped": (remote, chunk, True),
             }
-            # rounds interleave the variants, so a drift of the machine's speed falls on all
-            times = {name: [] for name in variants}
+            phases = phase_seconds(
+                args, {k: (r(), c, o) for k, (r, c, o) in variants.items()}, args.reps
+            )
+            # whole fits: the step with its update; rounds interleave the variants
+            fits = {name: [] for name in variants}
             for _ in range(args.rounds):
-                for name, fit in variants.items():
-                    times[name] += fit()
+                for name, (rewards, chunk_, overlap) in variants.items():
+                    fits[name] += step_seconds(args, rewards(), chunk_, overlap)
         finally:
             server.close()
-    mean = {k: sum(t for t, _ in v) / len(v) for k, v in times.items()}
-    part = {k: sum(p for _, p in v) / len(v) for k, v in times.items()}
-    from lit_grpo.modules.chunked_scoring import chunk_sizes
-
-    sizes = chunk_sizes(args.batch_size, args.score_chunk)
-    chunks, last = len(sizes), sizes[-1] / args.batch_size
     print(
-        f"\n{args.batch_size} conditions x {args.group_size} rollouts a step, "
-        f"{args.sample_steps} sampling steps, {args.resolution} px, editor width {args.width} "
-        f"depth {args.depth}; server latency {args.latency:g} s a step; score_chunk "
-        f"{sizes} ({chunks} chunks); {len(times['remote'])} timed steps each; "
-        f"torch threads {torch.get_num_threads()}\n"
+        f"\nThe step's sampling and rewards phases, {args.reps} paired repetitions "
+        "(95% intervals):\n"
     )
-    print("| variant | s / step | vs in-process | sampling + rewards s | vs in-process |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in mean:
-        step, before = mean[name], part[name]
-        d_step, d_before = step - mean["in-process"], before - part["in-process"]
-        print(f"| {name} | {step:.3f} | {d_step:+.3f} | {before:.3f} | {d_before:+.3f} |")
-    for label, values in (("the step", mean), ("sampling + rewards", part)):
-        print(f"\n{label}:")
-        for base, served, what in (
-            ("in-process", "remote", "the server's cost (chunking's own cost included)"),
-            ("in-process chunked", "remote chunked", "the chunks' reward time"),
-        ):
-            cost = values[served] - values[base]
-            left = values["remote overlapped"] - values[base]
-            hidden = 1 - left / cost if cost > 0 else 0.0
-            print(f"  overlap hides {hidden:.0%} of {what}: {cost:.3f} s")
+    paired_summary(phases, args.latency)
     print(
         f"(at most {1 - last:.0%}: the last chunk, {last:.0%} of the conditions, is never "
         "hidden, and the others only where each is scored within the next one's sampling)"
     )
+    if args.rounds:
+        n = len(fits["in-process"])
+        print(f"\nWhole GRPO steps in fits ({n} timed steps each, the update included):\n")
+        print("| variant | s / step | vs in-process | sampling + rewards s | vs in-process |")
+        print("| --- | --- | --- | --- | --- |")
+        mean = {k: sum(t for t, _ in v) / len(v) for k, v in fits.items()}
+        part = {k: sum(p for _, p in v) / len(v) for k, v in fits.items()}
+        for name in mean:
+            step, before = mean[name], part[name]
+            d_step, d_before = step - mean["in-process"], before - part["in-process"]
+            print(f"| {name} | {step:.3f} | {d_step:+.3f} | {before:.3f} | {d_before:+.3f} |")
 
 
 if __name__ == "__main__":
