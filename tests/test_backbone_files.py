@@ -59,15 +59,23 @@ def test_exported_lora_loads_into_the_diffusers_pipeline_and_gives_the_policy_ou
     loaded.transformer = pipe.transformer  # the pipeline's transformer, adapter from the file
 
     batch = scenes()
-    cond = policy.encode_condition(batch["source"], batch["instruction"])
-    x = torch.randn(2, *policy.latent_shape((SIZE, SIZE)))
-    sigma = torch.tensor([0.4, 0.6])
-    with torch.no_grad():
-        ours, theirs = policy.velocity(x, sigma, cond), loaded.velocity(x, sigma, cond)
-        with policy.reference():
-            reference = policy.velocity(x, sigma, cond)
+    with policy.reference():
+        (reference,) = velocities([policy], batch["source"], batch["instruction"])
+    ours, theirs = velocities([policy, loaded], batch["source"], batch["instruction"])
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours - reference).abs().max() > 1e-4  # the file carries the trained adapter
+
+
+def velocities(policies, images, instructions) -> list[torch.Tensor]:
+    """Each policy's velocity [N, C, h, w] at the same seeded latents and sigmas, on the
+    condition the first policy encodes from `images` [N, 3, H, W] and `instructions`."""
+    cond = policies[0].encode_condition(images, list(instructions))
+    n = images.shape[0]
+    shape = policies[0].latent_shape(tuple(images.shape[-2:]))
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.linspace(0.4, 0.6, n)
+    with torch.no_grad():
+        return [p.velocity(x, sigma, cond) for p in policies]
 
 
 # --- loading from a local folder -------------------------------------------------------------

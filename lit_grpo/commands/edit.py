@@ -23,7 +23,8 @@ size:
   a file written by `export` and the built-in shapeworld-sft, 32 px, record it), else the
   input's size. The output has that size too. The tiny editor runs at any multiple of
   4 px, but attention cost grows with the 4th power of the side: sides above 512 px
-  are refused (at 512 px one step takes about a minute on two CPU cores).
+  are refused (at 512 px one step takes about a minute on two CPU cores). Other policies
+  (FLUX.1-Kontext, Qwen-Image-Edit) take sides up to 2048 px, as the data does.
 
 examples:
   python -m lit_grpo edit --image in.png --instruction "move the red circle left" --out out.png
@@ -85,8 +86,10 @@ def main(argv: list[str]) -> int:
             "in UTF-8 (e.g. set LANG=C.UTF-8 in the shell)"
         ) from None
     size = _parse_size(args.size, parser) if args.size else None
-    if size:
-        _check_size(size, "--size")
+    if size:  # any policy's limit at once; the tiny editor's (side_limit) once it is loaded
+        from lit_grpo.datamodules.shapeworld import MAX_RESOLUTION
+
+        _check_size(size, "--size", MAX_RESOLUTION)
     device = _parse_device(args.device)
     out = Path(args.out).expanduser()
 
@@ -133,8 +136,9 @@ def main(argv: list[str]) -> int:
     _warn_about_words(policy, args.instruction)
 
     trained = None if size else trained_resolution(args.ckpt, policy)
+    what = "--size" if size else "the checkpoint's resolution" if trained else "the input's size"
     size = size or trained or (image.height, image.width)
-    _check_size(size, "the checkpoint's resolution" if trained else "the input's size")
+    _check_size(size, what, side_limit(policy))
     note = f" ({mode} converted to RGB)" if mode != "RGB" else ""
     print(f"input   {path}: {image.width}x{image.height} px{note}")
     if (image.height, image.width) != size:
@@ -211,12 +215,26 @@ def _warn_about_words(policy, instruction: str) -> None:
         )
 
 
-def _check_size(size: tuple[int, int], what: str) -> None:
-    if max(size) > MAX_SIDE:
+def side_limit(policy) -> int:
+    """The largest side `edit` takes for `policy`: MAX_SIDE for the tiny editor (whose
+    attention cost makes larger edits take hours), the data's MAX_RESOLUTION for the others
+    (a backbone trained at 1024 px edits at 1024 px)."""
+    from lit_grpo.datamodules.shapeworld import MAX_RESOLUTION
+    from lit_grpo.policies import TinyEditPolicy
+
+    return MAX_SIDE if isinstance(policy, TinyEditPolicy) else MAX_RESOLUTION
+
+
+def _check_size(size: tuple[int, int], what: str, limit: int) -> None:
+    if max(size) > limit:
+        why = (
+            ", as the editor's attention cost grows with the 4th power of the side"
+            if limit == MAX_SIDE
+            else " (the largest resolution lit_grpo's data takes)"
+        )
         raise ConfigError(
-            f"cannot edit at {size[1]}x{size[0]} px ({what}): edit's limit is {MAX_SIDE} px a "
-            "side, as the editor's attention cost grows with the 4th power of the side; pass "
-            f"--size {MAX_SIDE} or smaller"
+            f"cannot edit at {size[1]}x{size[0]} px ({what}): edit's limit is {limit} px a "
+            f"side{why}; pass --size {limit} or smaller"
         )
 
 
