@@ -47,6 +47,7 @@ from lit_grpo.policies.diffusers_folder import (
     diffusers_model,
     transformers_model,
 )
+from lit_grpo.policies.qwen_text_length import no_text_length_sync
 from lit_grpo.policies.weights import load_policy_weights, weights_reference
 
 # what QwenImageEditPolicy loads from its folder (docs/backbones.md lists the files); the
@@ -285,14 +286,15 @@ class QwenImageEditPolicy(DiffusersEditPolicy):
             if record:
                 keys = torch.cat([mask, mask.new_ones(n, tokens.shape[1])], 1)
                 self.recorder.start(text.shape[1], n_target, keys)
-            out = self.transformer(
-                hidden_states=tokens,
-                encoder_hidden_states=text.to(dtype),
-                encoder_hidden_states_mask=mask,
-                timestep=sigma.to(dtype),
-                img_shapes=shapes,
-                return_dict=False,
-            )[0][:, :n_target]
+            with no_text_length_sync():  # diffusers' host sync it discards (qwen_text_length)
+                out = self.transformer(
+                    hidden_states=tokens,
+                    encoder_hidden_states=text.to(dtype),
+                    encoder_hidden_states_mask=mask,
+                    timestep=sigma.to(dtype),
+                    img_shapes=shapes,
+                    return_dict=False,
+                )[0][:, :n_target]
             if record:
                 self._capturing.append(self.recorder.finish(mask, h // 2, w // 2))
             return out
