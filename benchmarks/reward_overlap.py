@@ -1,8 +1,8 @@
 """Seconds per GRPO step with the rewards in-process, remote, and remote overlapped with
 sampling (issue 25), against a reward server of artificial latency.
 
-    OMP_NUM_THREADS=1 python benchmarks/reward_overlap.py                  # a table
-    python benchmarks/reward_overlap.py --latency 0.5 --batch-size 8 --steps 4 --rounds 1
+    OMP_NUM_THREADS=1 python benchmarks/reward_overlap.py            # 30 paired repetitions
+    python benchmarks/reward_overlap.py --reps 10 --rounds 1 --steps 6  # and whole fits
     python benchmarks/reward_overlap.py --score-chunk 1     # 8 chunks of one condition
 
 The benchmark starts `python -m lit_grpo serve-rewards` on a free port of 127.0.0.1 (its own
@@ -159,13 +159,15 @@ def step_seconds(args, rewards, score_chunk=None, overlap=False) -> list[tuple[f
     return clock.times[1:]
 
 
-def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[float]]:
+def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[tuple]]:
     """Seconds of the sampling and rewards phases of one GRPO step (`sample_and_score`, what
     `training_step` runs before the advantages) for each variant, `reps` times, the variants
     taken in turn within each repetition (rotated, so none always runs first): a drift of
     the machine's speed falls on all of them alike, and the differences are paired. Every
     variant has its own module built from the same seed, on the same batch of conditions.
-    `variants`: name -> (rewards, score_chunk, overlap)."""
+    `variants`: name -> (rewards, score_chunk, overlap). Each repetition's (seconds, of
+    which sampling, of which rewards: with overlap, the wait for what sampling did not
+    hide)."""
     from lit_grpo.datamodules import ShapeWorldDataModule
     from lit_grpo.modules import GRPOModule
     from lit_grpo.modules.chunked_scoring import sample_and_score
@@ -200,17 +202,24 @@ def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[float]]:
             start = time.perf_counter()
             sample_and_score(module, batch, chunk, overlap, clock)
             if rep:
-                seconds[name].append(time.perf_counter() - start)
+                took = clock.seconds()
+                seconds[name].append(
+                    (time.perf_counter() - start, took["sampling"], took["rewards"])
+                )
     return seconds
 
 
-def paired_summary(seconds: dict[str, list[float]], latency: float) -> None:
+def paired_summary(phases: dict[str, list[tuple]], latency: float) -> None:
     """Mean seconds of each variant and its paired difference to `in-process` (95%
-    intervals, t over the repetitions); the shares of the server's cost that overlapping
-    hides, with bootstrap 95% intervals over the repetitions."""
+    intervals, t over the repetitions), its sampling and rewards phases apart; the shares
+    of the server's cost that overlapping hides, with bootstrap 95% intervals over the
+    repetitions, and the same from the rewards phases alone (the overlap's wait against the
+    same chunks scored in turn: free of sampling's jitter, blind to any slowing of
+    sampling by the worker, which the sampling column shows)."""
     import random
     import statistics
 
+    seconds = {name: [total for total, _, _ in rows] for name, rows in phases.items()}
     base = seconds["in-process"]
     n = len(base)
     # Student's t, two-sided 95%, for n - 1 degrees of freedom (1.96 beyond the table)
@@ -220,12 +229,17 @@ def paired_summary(seconds: dict[str, list[float]], latency: float) -> None:
     def interval(values):
         return statistics.fmean(values), t * statistics.stdev(values) / len(values) ** 0.5
 
-    print("| variant | s (sampling + rewards) | vs in-process (paired) |")
-    print("| --- | --- | --- |")
+    print("| variant | s (sampling + rewards) | vs in-process (paired) | sampling | rewards |")
+    print("| --- | --- | --- | --- | --- |")
     for name, values in seconds.items():
         mean, half = interval(values)
         diff, dhalf = interval([v - b for v, b in zip(values, base)])
-        print(f"| {name} | {mean:.3f} ± {half:.3f} | {diff:+.3f} ± {dhalf:.3f} |")
+        sampling = statistics.fmean(s for _, s, _ in phases[name])
+        rewards = statistics.fmean(r for _, _, r in phases[name])
+        print(
+            f"| {name} | {mean:.3f} ± {half:.3f} | {diff:+.3f} ± {dhalf:.3f} | "
+            f"{sampling:.3f} | {rewards:.3f} |"
+        )
 
     def hidden(rows, served, base_name):
         cost = statistics.fmean(seconds[served][i] - seconds[base_name][i] for i in rows)
@@ -250,6 +264,17 @@ def paired_summary(seconds: dict[str, list[float]], latency: float) -> None:
         )
         low, high = boot[50], boot[1949]
         print(f"overlap hides {point:.0%} [{low:.0%}, {high:.0%}] of {what}")
+    waits = {name: [r for _, _, r in rows] for name, rows in phases.items()}
+    served = [a - b for a, b in zip(waits["remote chunked"], waits["in-process chunked"])]
+    left = [a - b for a, b in zip(waits["remote overlapped"], waits["in-process chunked"])]
+    slower = [a[1] - b[1] for a, b in zip(phases["remote overlapped"], phases["remote chunked"])]
+    cost, wait = statistics.fmean(served), statistics.fmean(left)
+    mean, half = interval(slower)
+    print(
+        f"rewards phases alone: the chunks' served rewards cost {cost:.3f} s in turn, the "
+        f"overlap waits {wait:.3f} s for them: {1 - wait / cost:.0%} hidden; sampling beside "
+        f"the worker {mean:+.3f} ± {half:.3f} s against the same chunks in turn"
+    )
 
 
 def main() -> None:
@@ -269,11 +294,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument(
-        "--reps", type=int, default=20, help="paired repetitions of each step's phases"
+        "--reps", type=int, default=30, help="paired repetitions of the phases (0: none)"
     )
     parser.add_argument("--steps", type=int, default=6, help="GRPO iterations a fit (1 warm-up)")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="whole fits of each variant, in turn (0: none)"
+        "--rounds", type=int, default=0, help="whole fits of each variant, in turn (0: none)"
     )
     args = parser.parse_args()
 
@@ -315,9 +340,11 @@ def main() -> None:
                 "remote chunked": (remote, chunk, False),
                 "remote overlapped": (remote, chunk, True),
             }
-            phases = phase_seconds(
-                args, {k: (r(), c, o) for k, (r, c, o) in variants.items()}, args.reps
-            )
+            phases = {}
+            if args.reps:
+                phases = phase_seconds(
+                    args, {k: (r(), c, o) for k, (r, c, o) in variants.items()}, args.reps
+                )
             # whole fits: the step with its update; rounds interleave the variants
             fits = {name: [] for name in variants}
             for _ in range(args.rounds):
@@ -325,15 +352,17 @@ def main() -> None:
                     fits[name] += step_seconds(args, rewards(), chunk_, overlap)
         finally:
             server.close()
-    print(
-        f"\nThe step's sampling and rewards phases, {args.reps} paired repetitions "
-        "(95% intervals):\n"
-    )
-    paired_summary(phases, args.latency)
-    print(
-        f"(at most {1 - last:.0%}: the last chunk, {last:.0%} of the conditions, is never "
-        "hidden, and the others only where each is scored within the next one's sampling)"
-    )
+    if phases:
+        print(
+            f"\nThe step's sampling and rewards phases, {args.reps} paired repetitions "
+            "(95% intervals):\n"
+        )
+        paired_summary(phases, args.latency)
+        print(
+            f"(at most {1 - last:.0%}: the last chunk, {last:.0%} of the conditions, is "
+            "never hidden, and the others only where each is scored within the next one's "
+            "sampling)"
+        )
     if args.rounds:
         n = len(fits["in-process"])
         print(f"\nWhole GRPO steps in fits ({n} timed steps each, the update included):\n")
