@@ -278,7 +278,7 @@ def paired_summary(phases: dict[str, list[tuple]], latency: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.5, help="server seconds per step")
     parser.add_argument("--batch-size", type=int, default=8, help="conditions per step")
     parser.add_argument("--group-size", type=int, default=4)
