@@ -101,14 +101,28 @@ class _Server:
         self.proc.stdout.close()
 
 
+def grpo_module(args, rewards, score_chunk=None, overlap=False):
+    """The benchmark's GRPOModule: the embedded editor (random weights, LoRA r4)."""
+    from lit_grpo.modules import GRPOModule
+    from lit_grpo.policies import LoraSettings, TinyEditPolicy
+
+    return GRPOModule(
+        TinyEditPolicy(width=args.width, depth=args.depth, heads=4),
+        rewards,
+        lora=LoraSettings(rank=4, alpha=4),
+        group_size=args.group_size,
+        sample_steps=args.sample_steps,
+        score_chunk=score_chunk,
+        overlap_scoring=overlap,
+    )
+
+
 def step_seconds(args, rewards, score_chunk=None, overlap=False) -> list[tuple[float, float]]:
     """(seconds of the step, of its sampling and rewards phases) of each timed GRPO step
     (after the warm-up) of a fit with `rewards`."""
     import lightning as L
 
     from lit_grpo.datamodules import ShapeWorldDataModule
-    from lit_grpo.modules import GRPOModule
-    from lit_grpo.policies import LoraSettings, TinyEditPolicy
 
     class Clock(L.Callback):
         def __init__(self):
@@ -127,15 +141,7 @@ def step_seconds(args, rewards, score_chunk=None, overlap=False) -> list[tuple[f
             self.times.append((time.perf_counter() - self.start, before_update))
 
     L.seed_everything(0, verbose=False)
-    module = GRPOModule(
-        TinyEditPolicy(width=args.width, depth=args.depth, heads=4),
-        rewards,
-        lora=LoraSettings(rank=4, alpha=4),
-        group_size=args.group_size,
-        sample_steps=args.sample_steps,
-        score_chunk=score_chunk,
-        overlap_scoring=overlap,
-    )
+    module = grpo_module(args, rewards, score_chunk, overlap)
     clock = Clock()
     trainer = L.Trainer(
         accelerator="auto",
@@ -169,10 +175,8 @@ def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[tuple]]:
     which sampling, of which rewards: with overlap, the wait for what sampling did not
     hide)."""
     from lit_grpo.datamodules import ShapeWorldDataModule
-    from lit_grpo.modules import GRPOModule
     from lit_grpo.modules.chunked_scoring import sample_and_score
     from lit_grpo.modules.phases import PhaseClock
-    from lit_grpo.policies import LoraSettings, TinyEditPolicy
 
     data = ShapeWorldDataModule(
         resolution=args.resolution, batch_size=args.batch_size, tasks=["translate"]
@@ -182,15 +186,7 @@ def phase_seconds(args, variants: dict, reps: int) -> dict[str, list[tuple]]:
     modules = {}
     for name, (rewards, chunk, overlap) in variants.items():
         torch.manual_seed(0)
-        modules[name] = GRPOModule(
-            TinyEditPolicy(width=args.width, depth=args.depth, heads=4),
-            rewards,
-            lora=LoraSettings(rank=4, alpha=4),
-            group_size=args.group_size,
-            sample_steps=args.sample_steps,
-            score_chunk=chunk,
-            overlap_scoring=overlap,
-        )
+        modules[name] = grpo_module(args, rewards, chunk, overlap)
     names = list(modules)
     seconds = {name: [] for name in names}
     for rep in range(reps + 1):  # the first repetition warms up, not timed
@@ -301,6 +297,8 @@ def main() -> None:
         "--rounds", type=int, default=0, help="whole fits of each variant, in turn (0: none)"
     )
     args = parser.parse_args()
+    if args.reps == 1:
+        parser.error("--reps: 0 or at least 2 (an interval needs two repetitions)")
 
     from lit_grpo.modules.chunked_scoring import chunk_sizes
     from lit_grpo.rewards import BackgroundReward, RemoteReward
