@@ -9,22 +9,8 @@ saturated palette colours, so "the red triangle" is unique and no background pix
 mistaken for a palette colour (background saturation <= 0.15, value in [0.4, 0.65]; every
 background colour is ~0.5 (> 0.45, tested) RGB distance from every palette colour).
 
-Geometry conventions (all in pixels of the `resolution` x `resolution` image):
-
-- x points right, y points down; pixel (row i, column j) covers [j, j+1) x [i, i+1) and has its
-  centre at (j + 0.5, i + 0.5).
-- `Shape.cx, cy` is the area centroid of the shape.
-- `Shape.size` is the distance from the centroid to the farthest point of the shape: circle
-  radius, square half-diagonal, triangle centroid-to-apex. Every shape lies in the disk of
-  radius `size` around its centre (used for the no-overlap test).
-- `Shape.angle` is in degrees, counter-clockwise *as the viewer sees it* (with y down, +90 turns
-  an up-pointing triangle to point left). 0 = triangle apex up, square axis-aligned. Triangles
-  use [0, 360), squares [0, 90) (4-fold symmetric), circles always 0.
-- The triangle is a tall isosceles "pointer": apex at (0, size) above the centroid, base
-  corners at (+-0.6 size, -0.5 size), apex angle ~44 deg, so its heading is readable over 360.
-- Sizes scale with the resolution: a shape's circle-equivalent radius is 0.12-0.18 of the side
-  (~4-6 px at 32 px; squares x1.2 and triangles x1.4 to balance areas), 0.10-0.25 around a
-  scale edit.
+Scenes, their geometry conventions and the renderer are in
+`lit_grpo.datamodules.shapeworld_scenes` (re-exported here).
 
 Edits (`Edit`): `translate` moves the target by `move_fraction * resolution` px left, right,
 up or down; `rotate` turns the target (always a triangle) by +-45/90/135/180 deg (+ = ccw, as
@@ -47,30 +33,29 @@ Speed (measured, one loaded CPU core): `__getitem__` takes about 1.0 ms at 32 px
 from __future__ import annotations
 
 import colorsys
-import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-Colour = tuple[float, float, float]
+from lit_grpo.datamodules.shapeworld_scenes import (  # noqa: F401 (re-exported)
+    COLORS,
+    DIRECTIONS,
+    TASKS,
+    Colour,
+    Edit,
+    Scene,
+    Shape,
+    apply_edit,
+    edited_shape,
+    render,
+    shape_extent,
+    shape_vertices,
+)
 
-COLORS: dict[str, Colour] = {
-    "red": (0.9, 0.05, 0.1),
-    "green": (0.15, 0.85, 0.15),
-    "blue": (0.1, 0.25, 1.0),
-    "yellow": (1.0, 0.95, 0.15),
-    "purple": (0.6, 0.1, 0.9),
-    "orange": (1.0, 0.5, 0.0),
-    "cyan": (0.0, 0.85, 0.9),
-    "white": (1.0, 1.0, 1.0),
-}
 SHAPES = ("circle", "square", "triangle")
-TASKS = ("translate", "rotate", "scale")
 SPLITS = {"train": 0, "val": 1, "test": 2}
-# unit (dx, dy) in image coordinates (y down)
-DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 ROTATION_ANGLES = (45, 90, 135, 180)
 SCALE_FACTORS = (0.5, 0.75, 1.5, 2.0)
 MIN_RESOLUTION = 16
@@ -82,8 +67,6 @@ MIN_RESOLUTION = 16
 MAX_RESOLUTION = 2048
 
 _COLOUR_NAMES = tuple(COLORS)
-_TRIANGLE = ((0.0, 1.0), (-0.6, -0.5), (0.6, -0.5))  # unit size, math axes (y up)
-_SQUARE = tuple((math.cos(a), math.sin(a)) for a in np.radians([45, 135, 225, 315]))
 _KIND_SCALE = {"circle": 1.0, "square": 1.2, "triangle": 1.4}  # size / circle-equivalent R
 _R_RANGE = (0.12, 0.18)  # R / resolution for shapes that are not scaled
 _R_SCALE_LIMITS = (0.10, 0.25)  # R / resolution before and after a scale edit
@@ -148,124 +131,6 @@ def _build_vocabulary() -> tuple[str, ...]:
 VOCABULARY: tuple[str, ...] = _build_vocabulary()
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One shape; geometry conventions in the module docstring."""
-
-    kind: str
-    colour: str
-    cx: float
-    cy: float
-    size: float
-    angle: float
-
-
-@dataclass(frozen=True)
-class Edit:
-    """An edit of `Scene.shapes[target]`; `angle` is signed degrees, + = ccw as seen."""
-
-    task: str
-    target: int
-    direction: str | None = None
-    angle: float = 0.0
-    factor: float = 1.0
-
-
-@dataclass(frozen=True)
-class Scene:
-    background: tuple[Colour, Colour]  # (top, bottom) colours of the vertical gradient
-    shapes: tuple[Shape, ...]
-
-
-def shape_vertices(shape: Shape) -> np.ndarray:
-    """Polygon corners [K, 2] as (x, y) image coordinates; empty for a circle."""
-    return np.array(_vertices(shape)).reshape(-1, 2)
-
-
-def _vertices(shape: Shape) -> list[tuple[float, float]]:
-    if shape.kind == "circle":
-        return []
-    unit = _TRIANGLE if shape.kind == "triangle" else _SQUARE
-    a = math.radians(shape.angle)
-    c, s = shape.size * math.cos(a), shape.size * math.sin(a)
-    # rotate ccw in math axes (y up), then flip y to image axes (y down)
-    return [(shape.cx + u * c - v * s, shape.cy - (u * s + v * c)) for u, v in unit]
-
-
-def shape_extent(shape: Shape) -> tuple[float, float, float, float]:
-    """Exact geometric bounding box (x0, y0, x1, y1) of the shape, in pixels."""
-    if shape.kind == "circle":
-        r = shape.size
-        return shape.cx - r, shape.cy - r, shape.cx + r, shape.cy + r
-    xs, ys = zip(*_vertices(shape))
-    return min(xs), min(ys), max(xs), max(ys)
-
-
-def _coverage(shape: Shape, resolution: int, supersample: int) -> tuple[np.ndarray, tuple]:
-    """Box-filtered coverage on the shape's bounding pixel block (only that block is sampled)."""
-    x0, y0, x1, y1 = shape_extent(shape)
-    c0, r0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
-    c1, r1 = max(min(math.ceil(x1), resolution), c0), max(min(math.ceil(y1), resolution), r0)
-    block = (slice(r0, r1), slice(c0, c1))
-    offsets = (np.arange(supersample) + 0.5) / supersample
-    xs = (np.arange(c0, c1)[:, None] + offsets).ravel()[None, :]
-    ys = (np.arange(r0, r1)[:, None] + offsets).ravel()[:, None]
-    if shape.kind == "circle":
-        inside = (xs - shape.cx) ** 2 + (ys - shape.cy) ** 2 <= shape.size**2
-    else:
-        v = shape_vertices(shape)
-        w = np.roll(v, -1, axis=0)
-        sign = np.sign(np.sum(v[:, 0] * w[:, 1] - w[:, 0] * v[:, 1]))  # orientation of the polygon
-        inside = np.ones((ys.shape[0], xs.shape[1]), dtype=bool)
-        for (ax, ay), (bx, by) in zip(v, w):
-            inside &= sign * ((bx - ax) * (ys - ay) - (by - ay) * (xs - ax)) >= 0
-    h, wd = r1 - r0, c1 - c0
-    return inside.reshape(h, supersample, wd, supersample).mean(axis=(1, 3)), block
-
-
-def render(scene: Scene, resolution: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Anti-aliased image float32 [H, W, 3] in [0, 1] and per-shape coverage float32 [S, H, W].
-
-    Shapes are alpha-composited with their coverage; a pixel a shape does not touch is left
-    bit-for-bit unchanged, so an edit changes the image only where the target was or is.
-    """
-    top, bottom = np.asarray(scene.background[0]), np.asarray(scene.background[1])
-    t = ((np.arange(resolution) + 0.5) / resolution)[:, None]
-    rows = top[None, :] * (1.0 - t) + bottom[None, :] * t
-    image = np.repeat(rows[:, None, :], resolution, axis=1)
-    coverage = np.zeros((len(scene.shapes), resolution, resolution), dtype=np.float32)
-    for i, shape in enumerate(scene.shapes):
-        cov, block = _coverage(shape, resolution, supersample)
-        coverage[i][block] = cov
-        a = cov[..., None]
-        image[block] = image[block] * (1.0 - a) + np.asarray(COLORS[shape.colour]) * a
-    return image.astype(np.float32), coverage
-
-
-def _edited(shape: Shape, edit: Edit, resolution: int, move_fraction: float) -> Shape:
-    if edit.task == "translate":
-        if edit.direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction {edit.direction!r}; known: {list(DIRECTIONS)}")
-        dx, dy = DIRECTIONS[edit.direction]
-        step = move_fraction * resolution
-        return replace(shape, cx=shape.cx + dx * step, cy=shape.cy + dy * step)
-    if edit.task == "rotate":
-        period = {"triangle": 360.0, "square": 90.0}.get(shape.kind)
-        return (
-            shape if period is None else replace(shape, angle=(shape.angle + edit.angle) % period)
-        )
-    if edit.task == "scale":
-        return replace(shape, size=shape.size * edit.factor)
-    raise ValueError(f"unknown task {edit.task!r}; known: {TASKS}")
-
-
-def apply_edit(scene: Scene, edit: Edit, resolution: int, move_fraction: float) -> Scene:
-    """The scene after `edit`; the move distance of a translation is move_fraction*resolution."""
-    shapes = list(scene.shapes)
-    shapes[edit.target] = _edited(shapes[edit.target], edit, resolution, move_fraction)
-    return Scene(scene.background, tuple(shapes))
-
-
 def _sample_background(rng: np.random.Generator) -> tuple[Colour, Colour]:
     """Two muted colours (HSV saturation <= 0.15, value 0.4-0.65): never palette-like."""
     top, bottom = (
@@ -308,7 +173,7 @@ def _place(rng, kinds, colours, edit, resolution, move_fraction) -> list[Shape] 
         r_range = (max(lo, lo / edit.factor), min(hi, hi / edit.factor))
     t = edit.target
     before = _sample_size_angle(rng, kinds[t], colours[t], r_range, resolution)
-    after = _edited(before, edit, resolution, move_fraction)
+    after = edited_shape(before, edit, resolution, move_fraction)
     valid = _centre_range([shape_extent(before), shape_extent(after)], resolution)
     if valid is None:
         return None
