@@ -9,6 +9,11 @@ translation distance and accuracy (with a 95% Wilson interval), rotation error a
 scale accuracy, and background L1 outside the object's before/after regions. The numbers are
 `lit_grpo.metrics.EditMetrics`' (the metrics a LightningModule logs), the reward column the
 GRPO stage's spatial rewards.
+
+`--blend-margin PX` samples every policy with the source kept outside the scene's true edit
+regions (the object before and after the edit, grown by PX pixels) at every step
+(`SourceBlend`, Blended Latent Diffusion's step): the mask a user who marks the region would
+give. Compare a trained policy with the SFT editor blended the same way.
 """
 
 import argparse
@@ -31,9 +36,14 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter, progress):
+def evaluate(
+    policy, dataset, batch_size: int, steps: int, seed: int, segmenter, progress,
+    blend_margin: int | None = None,
+):  # fmt: skip
     """`EditMetrics.compute()` ({task: {metric: value}}) and each task's per-edit spatial
-    rewards (the GRPO stage's own: each scores its task's rows, 0 elsewhere)."""
+    rewards (the GRPO stage's own: each scores its task's rows, 0 elsewhere). With
+    `blend_margin`, the source is kept outside the true edit regions grown by that many
+    pixels (`EditPolicy.edit`'s `editable`)."""
     from lit_grpo.metrics import EditMetrics
     from lit_grpo.perception import geometry as geo
     from lit_grpo.rewards import RotationReward, ScaleReward, Scorer, TranslationReward
@@ -51,7 +61,9 @@ def evaluate(policy, dataset, batch_size: int, steps: int, seed: int, segmenter,
     gen = torch.Generator().manual_seed(seed)
     for batch in progress(loader):
         src = batch["source"]
-        edited = policy.edit(src, batch["instruction"], steps, generator=gen)
+        regions = [batch["mask_before"], batch["mask_after"]]
+        editable = None if blend_margin is None else ~geo.outside_mask(regions, blend_margin)
+        edited = policy.edit(src, batch["instruction"], steps, generator=gen, editable=editable)
         inputs = scorer.observe(edited, batch)  # segmented once for metrics and rewards
         metrics.update(src, edited, batch, inputs.before, inputs.after)
         reward = scorer.judge(inputs).total
@@ -117,7 +129,14 @@ def main(argv=None) -> int:
         "--objects", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
         help="shapes per scene (2 3: multi-object scenes, as configs/spatialflow.yaml trains)",
     )  # fmt: skip
+    parser.add_argument(
+        "--blend-margin", type=int, metavar="PX",
+        help="keep the source outside the true edit regions grown by PX pixels at every "
+        "sampling step (an inference option; default: no blending)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.blend_margin is not None and args.blend_margin < 0:
+        parser.error(f"--blend-margin must be >= 0 pixels, got {args.blend_margin}")
 
     from tqdm import tqdm
 
@@ -151,6 +170,7 @@ def main(argv=None) -> int:
             args.seed,
             segmenter,
             partial(tqdm, desc=desc, file=sys.stderr, leave=False),
+            args.blend_margin,
         )
         secs = time.perf_counter() - start
         for task in args.tasks:
@@ -165,6 +185,11 @@ def main(argv=None) -> int:
     print(
         f"ShapeWorld {args.split} split, {args.resolution}px, {args.steps} ODE steps, "
         f"seed {args.seed}, {args.objects[0]}-{args.objects[1]} objects per scene"
+        + (
+            ""
+            if args.blend_margin is None
+            else f", source kept outside the true edit regions + {args.blend_margin} px"
+        )
     )
     print(head)
     print("-" * len(head))

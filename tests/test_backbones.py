@@ -137,6 +137,24 @@ def test_shapes_and_the_vae_round_trip(name):
         policy.encode_images(torch.zeros(1, 3, SIZE + 2, SIZE))
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_blended_edit_keeps_the_source_latents_outside_the_grown_mask(name):
+    policy = BACKBONES[name]().eval()
+    policy.decode_to = lambda latents, size: latents  # look at the sampled latents
+    source = scenes()["source"]
+    editable = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    editable[:, :, :5] = True  # pixel columns 0-4
+    edit = lambda mask: policy.edit(  # noqa: E731
+        source, ["move the red circle left"] * 2, 2, generator=torch.Generator(), editable=mask
+    )
+    latents, x0 = edit(editable), policy.encode_images(source)
+    factor = SIZE // x0.shape[-1]  # pixels per latent
+    grown = -(-5 // factor)  # latent columns holding any editable pixel
+    assert torch.equal(latents[..., grown:], x0[..., grown:])
+    assert (latents[..., :grown] - x0[..., :grown]).abs().amin() > 0
+    assert torch.equal(edit(torch.ones_like(editable)), edit(None))
+
+
 def test_flux_latents_are_the_vae_mode_shifted_and_scaled():
     policy = flux_policy()
     images = scenes()["source"]

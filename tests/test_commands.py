@@ -170,6 +170,47 @@ def test_edit_errors_name_the_file(shapeworld_png, tmp_path, capsys):
     assert "does not know 'blob'" in capsys.readouterr().err and Path(out).exists()
 
 
+def test_edit_with_a_mask_keeps_the_source_outside_it(shapeworld_png, tmp_path, capsys):
+    from lit_grpo.perception import geometry as geo
+
+    path, sample = shapeworld_png
+    region = ~geo.outside_mask([sample["mask_before"][None], sample["mask_after"][None]], 2)[0]
+    mask = tmp_path / "mask.png"
+    Image.fromarray(region.numpy().astype(np.uint8) * 255).save(mask)
+    out = tmp_path / "edited.png"
+    args = ["edit", "--image", str(path), "--instruction", sample["instruction"]]
+    assert main([*args, "--out", str(out), "--mask", str(mask)]) == 0
+    share = region.float().mean().item()
+    assert f"mask    {mask}: {share:.0%} of the image may change" in capsys.readouterr().out
+    with Image.open(path) as source, Image.open(out) as edited:
+        source, edited = np.array(source.convert("RGB")), np.array(edited.convert("RGB"))
+    keep = ~region.numpy()
+    assert (edited[keep] == source[keep]).all()  # to the byte
+    assert (edited[~keep] != source[~keep]).any()  # and the object was redrawn inside
+
+    # bad masks fail before the policy loads, naming the file and what is wrong
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(small)
+    assert main([*args, "--out", str(out), "--mask", str(small)]) == 2
+    assert "is 16x16 px but the image is 32x32 px" in capsys.readouterr().err
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(black)
+    assert main([*args, "--out", str(out), "--mask", str(black)]) == 2
+    assert "marks no pixel as editable" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--mask", str(tmp_path / "gone.png")]) == 2
+    assert "mask (--mask) not found" in capsys.readouterr().err
+
+
+def test_a_mask_follows_the_image_to_the_edit_size():
+    from lit_grpo.commands.edit import mask_at
+
+    mask = torch.tensor([[True, False], [False, False]])
+    grown = torch.zeros(4, 4, dtype=torch.bool)
+    grown[:2, :2] = True
+    assert torch.equal(mask_at(mask, (4, 4)), grown)
+    assert mask_at(mask, (2, 2)) is mask
+
+
 def test_export_keeps_the_policy_and_its_resolution(tmp_path, capsys):
     from lit_grpo.policies.weights import load_policy, recorded_resolution
 

@@ -5,6 +5,7 @@ import torch
 
 from lit_grpo.policies.base import Condition, EditPolicy
 from lit_grpo.sampling import (
+    SourceBlend,
     add_noise,
     ode_step,
     sample_ode,
@@ -52,6 +53,31 @@ def test_sample_ode_with_straight_flow_reaches_the_data():
 
     out = sample_ode(velocity, torch.randn(2, 3, 4, 4), steps=5)
     assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_source_blend_by_hand():
+    # two pixels, pixel 0 editable; steps 2: sigmas 1, 0.5, 0; the velocity is the mean of x,
+    # so the kept background feeds the editable pixel's next step
+    noise = torch.tensor([[2.0, 4.0]])
+    source = torch.tensor([[10.0, 20.0]])
+    blend = SourceBlend(source=source, editable=torch.tensor([[1.0, 0.0]]))
+    velocity = lambda x, sigma: x.mean(1, keepdim=True).expand_as(x)  # noqa: E731
+    # step 1: v = 3, x = [2, 4] - 0.5 * 3 = [0.5, 2.5]; pixel 1 <- 0.5 * 20 + 0.5 * 4 = 12
+    # step 2: v = 6.25, x = [0.5, 12] - 0.5 * 6.25; pixel 1 <- the source, 20
+    out = sample_ode(velocity, noise, steps=2, blend=blend)
+    assert torch.equal(out, torch.tensor([[-2.625, 20.0]]))
+    # unblended: v = 3 then 1.5, [0.5, 2.5] - 0.75
+    assert torch.equal(sample_ode(velocity, noise, steps=2), torch.tensor([[-0.25, 1.75]]))
+
+
+def test_source_blend_everywhere_or_nowhere():
+    noise, source = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    velocity = lambda x, sigma: torch.tanh(x) + x.mean()  # noqa: E731
+    plain = sample_ode(velocity, noise, steps=4, shift=3.0)
+    ones = SourceBlend(source=source, editable=torch.ones(2, 1, 4, 4))
+    zeros = SourceBlend(source=source, editable=torch.zeros(2, 1, 4, 4))
+    assert torch.equal(sample_ode(velocity, noise, steps=4, shift=3.0, blend=ones), plain)
+    assert torch.equal(sample_ode(velocity, noise, steps=4, shift=3.0, blend=zeros), source)
 
 
 def test_sample_sigmas_kinds():

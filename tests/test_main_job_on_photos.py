@@ -235,6 +235,15 @@ def test_the_main_job_runs_on_photos_from_expand_to_diffusers(name, in_tmp, weig
     assert main([*edit, "--out", str(in_tmp / "edits" / "big.png")]) == 2
     err = capsys.readouterr().err
     assert f"error: {policy_class} cannot edit a 1030x1030 px image: " in err, err
+    # a mask (the left half editable) reaches the backbone's blended sampler
+    # (test_backbones.py checks the latents it keeps)
+    mask = in_tmp / "edits" / "mask.png"
+    half = np.zeros((64, 96), np.uint8)
+    half[:, :48] = 255
+    Image.fromarray(half).save(mask)
+    edit[-2:] = ["--steps", "2", "--mask", str(mask)]
+    assert main([*edit, "--out", str(in_tmp / "edits" / "masked.png")]) == 0
+    assert f"mask    {mask}: 50% of the image may change" in capsys.readouterr().out
     seconds["edit"] = time.perf_counter() - start
 
     # 4. export the adapter; diffusers' pipeline, read from the folder, loads it

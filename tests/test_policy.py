@@ -52,6 +52,28 @@ def test_velocity_depends_on_instruction_and_source():
     assert not torch.allclose(v1, v2) and not torch.allclose(v1, v3)
 
 
+def test_edit_keeps_the_source_outside_the_editable_mask():
+    policy = tiny().eval()
+    for p in policy.parameters():  # a policy whose edits differ from the source everywhere
+        torch.nn.init.normal_(p, std=0.1)
+    src = torch.rand(2, 3, 8, 8)
+    words = ["move the red square left"] * 2
+    editable = torch.zeros(2, 8, 8, dtype=torch.bool)
+    editable[0, 2:5, 1:7] = True
+    editable[1, :, :3] = True
+    edit = lambda mask: policy.edit(  # noqa: E731
+        src, words, 3, generator=torch.Generator().manual_seed(1), editable=mask
+    )
+    plain, blended = edit(None), edit(editable)
+    keep = ~editable.unsqueeze(1).expand_as(src)
+    assert torch.allclose(blended[keep], src[keep], atol=1e-6)  # [-1, 1] and back
+    assert (plain[keep] - src[keep]).abs().min() > 1e-3
+    assert not torch.allclose(blended[~keep], plain[~keep])  # denoised beside the source
+    assert torch.equal(edit(torch.ones(2, 8, 8, dtype=torch.bool)), plain)
+    with pytest.raises(ValueError, match="one \\[H, W\\] mask per source"):
+        edit(editable[:, :4])
+
+
 def test_bad_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="multiples of the patch size 4"):
         tiny().encode_images(torch.rand(1, 3, 10, 10))

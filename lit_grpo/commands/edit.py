@@ -14,7 +14,6 @@ from pathlib import Path
 
 from lit_grpo.checks import ConfigError, ensure_file, ensure_writable_dir, local_copy
 
-MAX_SIDE = 512  # px; the tiny editor's attention makes 2048 px take hours per step
 HELP = "edit one image with a lit_grpo checkpoint, a weights file or built-in weights"
 
 EPILOG = """\
@@ -32,6 +31,15 @@ examples:
       --instruction "rotate the blue triangle 90 degrees clockwise" --out out.png --seed 3
   python -m lit_grpo edit --ckpt editor.safetensors --size 64 --image in.png \\
       --instruction "make the green square twice as big" --out out.png
+  python -m lit_grpo edit --image in.png --mask region.png \\
+      --instruction "move the red circle left" --out out.png
+
+mask:
+  --mask names a grayscale image the input's size: white (above 50%) where the edit may
+  change the image (the object and where it goes). Everywhere else the source is put back
+  at every sampling step (Blended Latent Diffusion's step), so those pixels come out as the
+  source (the tiny editor) or as the VAE's reconstruction of it (FLUX.1-Kontext,
+  Qwen-Image-Edit, whose latents are 8 px: the region grows to whole latents).
 """
 
 
@@ -64,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shift", type=float, default=1.0, help="sigma-schedule shift; 1 is uniform (1.0)"
     )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    parser.add_argument(
+        "--mask",
+        metavar="FILE",
+        help="white where the edit may change the image; the source is kept elsewhere "
+        "(see 'mask' below)",
+    )
     parser.add_argument(
         "--size", metavar="N|WxH", help="edit at N x N (or W x H) pixels; see 'size' below"
     )
@@ -108,6 +122,8 @@ def main(argv: list[str]) -> int:
             image = opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ConfigError(f"cannot read {path} as an image: {err}") from None
+    mask = read_mask(args.mask, (image.height, image.width)) if args.mask else None
+    editable = None
 
     import numpy as np
     import torch
@@ -151,13 +167,25 @@ def main(argv: list[str]) -> int:
             "it was trained at (--size to choose)"
         )
 
+    if mask is not None:
+        editable = mask_at(mask, size)
+        share = editable.float().mean().item()
+        print(
+            f"mask    {args.mask}: {share:.0%} of the image may change; the source is kept "
+            "elsewhere at every step"
+        )
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
     source = pixels.permute(2, 0, 1)[None].float() / 255  # [1, 3, H, W] in [0, 1]
     generator = torch.Generator().manual_seed(args.seed)  # CPU: the same noise on any device
     start = time.perf_counter()
     try:
         edited = policy.edit(
-            source.to(device), [args.instruction], args.steps, args.shift, generator
+            source.to(device),
+            [args.instruction],
+            args.steps,
+            args.shift,
+            generator,
+            editable=None if editable is None else editable[None].to(device),
         )
     except ValueError as err:  # the policy's own check of the input (size, channels)
         raise ConfigError(
@@ -173,6 +201,43 @@ def main(argv: list[str]) -> int:
     Image.fromarray(result).save(out)
     print(f"wrote   {out} ({result.shape[1]}x{result.shape[0]} px)")
     return 0
+
+
+def read_mask(name: str, image_size: tuple[int, int]):
+    """The editable mask [H, W] (bool) from a grayscale image of the input's `image_size`
+    (H, W): above 50% is editable. Read before the policy loads, so a bad mask fails fast."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    path = ensure_file(name, "mask (--mask)", "Check the path.")
+    try:
+        with Image.open(path) as opened:
+            mask = opened.convert("L")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"cannot read {path} as an image: {err}") from None
+    if (mask.height, mask.width) != image_size:
+        raise ConfigError(
+            f"--mask {path} is {mask.width}x{mask.height} px but the image is "
+            f"{image_size[1]}x{image_size[0]} px; draw the mask over the input image"
+        )
+    editable = torch.from_numpy(np.array(mask, dtype=np.uint8) > 127)
+    if not editable.any():
+        raise ConfigError(
+            f"--mask {path} marks no pixel as editable (white, above 50%): the edit could "
+            "change nothing. Paint the object and where it should go white"
+        )
+    return editable
+
+
+def mask_at(mask, size: tuple[int, int]):
+    """The mask [H, W] at the edit's `size`, resized nearest (like a label map)."""
+    import torch
+
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    grid = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")
+    return grid[0, 0] > 0.5
 
 
 def trained_resolution(weights: str, policy) -> tuple[int, int] | None:
@@ -216,21 +281,22 @@ def _warn_about_words(policy, instruction: str) -> None:
 
 
 def side_limit(policy) -> int:
-    """The largest side `edit` takes for `policy`: MAX_SIDE for the tiny editor (whose
-    attention cost makes larger edits take hours), the data's MAX_RESOLUTION for the others
-    (a backbone trained at 1024 px edits at 1024 px)."""
+    """The largest side `edit` takes for `policy`: the limit it declares (`max_edit_side`;
+    the tiny editor's attention cost makes larger edits take hours), else the data's
+    MAX_RESOLUTION (a backbone trained at 1024 px edits at 1024 px)."""
     from lit_grpo.datamodules.shapeworld import MAX_RESOLUTION
-    from lit_grpo.policies import TinyEditPolicy
 
-    return MAX_SIDE if isinstance(policy, TinyEditPolicy) else MAX_RESOLUTION
+    return policy.max_edit_side or MAX_RESOLUTION
 
 
 def _check_size(size: tuple[int, int], what: str, limit: int) -> None:
     if max(size) > limit:
+        from lit_grpo.datamodules.shapeworld import MAX_RESOLUTION
+
         why = (
-            ", as the editor's attention cost grows with the 4th power of the side"
-            if limit == MAX_SIDE
-            else " (the largest resolution lit_grpo's data takes)"
+            " (the largest resolution lit_grpo's data takes)"
+            if limit == MAX_RESOLUTION
+            else ", as the editor's cost grows steeply with the side (its `max_edit_side`)"
         )
         raise ConfigError(
             f"cannot edit at {size[1]}x{size[0]} px ({what}): edit's limit is {limit} px a "

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lit_grpo.policies.lora import LoraSettings, adapters_disabled, add_lora, has_lora
 from lit_grpo.sampling.flow import randn_like
-from lit_grpo.sampling.ode import sample_ode
+from lit_grpo.sampling.ode import SourceBlend, sample_ode
 
 
 @dataclass
@@ -52,6 +52,10 @@ class EditPolicy(nn.Module, ABC):
 
     Images are float `[N, 3, H, W]` in [0, 1] everywhere outside the policy.
     """
+
+    # The largest image side `edit` should take, where the policy's cost makes larger edits
+    # impractical; None: the data's limit (`shapeworld.MAX_RESOLUTION`) is the only one.
+    max_edit_side: int | None = None
 
     @abstractmethod
     def encode_images(self, images: Tensor) -> Tensor:
@@ -269,12 +273,30 @@ class EditPolicy(nn.Module, ABC):
         shift: float = 1.0,
         generator: torch.Generator | None = None,
         keys: Sequence[str] | None = None,
+        editable: Tensor | None = None,
     ) -> Tensor:
         """ODE-sampled edits [N, 3, H, W] in [0, 1], the source's size: the evaluation
-        sampler of every stage (`keys` as in `encode_condition`)."""
+        sampler of every stage (`keys` as in `encode_condition`).
+
+        `editable`: pixel masks [N, H, W] at the source's size, True where the edit may
+        change the image; the sampler then keeps the source outside them at every step
+        (`SourceBlend`, an inference option). A latent is editable if any of its pixels is
+        (ours: the region is never shrunk to the latent grid), so a policy whose latents
+        are coarser than pixels may change a margin of up to one latent around the mask,
+        and outside it returns its decoder's reconstruction of the source."""
         cond = self.encode_condition(source, instructions, keys)
-        noise = randn_like(self.encode_images(source), generator)
-        latents = sample_ode(self.velocity_fn(cond), noise, steps, shift)
+        x0 = self.encode_images(source)
+        noise = randn_like(x0, generator)
+        blend = None
+        if editable is not None:
+            if tuple(editable.shape) != (source.shape[0], *source.shape[-2:]):
+                raise ValueError(
+                    f"editable masks {tuple(editable.shape)} do not match the sources "
+                    f"{tuple(source.shape)}: one [H, W] mask per source image"
+                )
+            region = (self.latent_masks(editable.to(x0.device)) > 0).unsqueeze(1)
+            blend = SourceBlend(source=x0.float(), editable=region)
+        latents = sample_ode(self.velocity_fn(cond), noise, steps, shift, blend)
         return self.decode_to(latents, tuple(source.shape[-2:]))
 
 

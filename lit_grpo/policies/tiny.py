@@ -193,6 +193,10 @@ class TinyEditPolicy(EditPolicy):
             backward pass instead of keeping them (`EditPolicy.checkpoint_activations`).
     """
 
+    # ours: attention over (side / 4)^2 tokens makes its cost grow with the 4th power of the
+    # side; at 512 px one ODE step takes about a minute on two CPU cores
+    max_edit_side = 512
+
     def __init__(
         self,
         patch_size: int = 4,

@@ -9,9 +9,10 @@ from lit_grpo.sampling.flow import (
     sigma_schedule,
     velocity_target,
 )
-from lit_grpo.sampling.ode import sample_ode
+from lit_grpo.sampling.ode import SourceBlend, sample_ode
 
 __all__ = [
+    "SourceBlend",
     "add_noise",
     "ode_step",
     "randn_like",
