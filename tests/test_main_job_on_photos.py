@@ -139,12 +139,12 @@ def test_the_main_job_runs_on_photos_from_expand_to_diffusers(name, in_tmp, weig
     photos = sorted(p.name for p in PHOTOS.iterdir() if not p.name.endswith(".md"))
     for split, seed in (("train", 0), ("val", 1)):
         out, err = run(
-            capsys, "expand", *find, "--tasks", "translate", "--seed", str(seed),
+            capsys, "expand", *find, "--tasks", "translate", "rotate", "scale", "--seed", str(seed),
             "--out", f"data/{split}.jsonl",
         )  # fmt: skip
         rows = [json.loads(line) for line in Path(f"data/{split}.jsonl").read_text().splitlines()]
         found = {(Path(r["image"]).name, r["object"]) for r in rows}
-        assert f"wrote {len(rows)} samples ({len(found)} annotations x 1 task(s) x 4)" in out
+        assert f"wrote {len(rows)} samples ({len(found)} annotations x 3 task(s) x 4)" in out
         # a pair not found (the tiny SAM proposes no mask in some photo) is named, not a row
         missed = {(p, o) for p in photos for o in OBJECTS} - found
         assert len({p for p, _ in found}) >= 2 and err.count("not found (") == len(missed)
