@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     device = _parse_device(args.device)
     out = Path(args.out).expanduser()
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     Image.init()
     if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
@@ -116,12 +116,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--out {args.out!r} is a directory; name a file in it")
     ensure_writable_dir(out.parent, "output directory (--out)")
     path = ensure_file(args.image, "input image (--image)", "Check the path.")
-    try:
-        with Image.open(path) as opened:
-            mode = opened.mode
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConfigError(f"cannot read {path} as an image: {err}") from None
+    image, mode = read_image(path, "RGB")
     mask = read_mask(args.mask, (image.height, image.width)) if args.mask else None
     editable = None
 
@@ -203,19 +198,25 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def read_image(path: Path, mode: str):
+    """(the image converted to `mode`, its own mode); a file PIL cannot read is a ConfigError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert(mode), opened.mode
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"cannot read {path} as an image: {err}") from None
+
+
 def read_mask(name: str, image_size: tuple[int, int]):
     """The editable mask [H, W] (bool) from a grayscale image of the input's `image_size`
     (H, W): above 50% is editable. Read before the policy loads, so a bad mask fails fast."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     path = ensure_file(name, "mask (--mask)", "Check the path.")
-    try:
-        with Image.open(path) as opened:
-            mask = opened.convert("L")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConfigError(f"cannot read {path} as an image: {err}") from None
+    mask, _ = read_image(path, "L")
     if (mask.height, mask.width) != image_size:
         raise ConfigError(
             f"--mask {path} is {mask.width}x{mask.height} px but the image is "
