@@ -24,9 +24,8 @@ def test_split_by_hand():
     edited[:, :, 8, 8] = 0.6  # the other object: "others"
     edited[:, :, 11, 0] = 0.9  # a corner, 8 px from the nearest object: "plain"
     edited[:, :, 2, 2] = 1.0  # next to the old place: not background
-    parts, by_distance, pixels, signed, plain = split(
-        source, edited, mask(1, 1), mask(1, 4), mask(1, 7), mask(8, 8)
-    )
+    places = mask(1, 1), mask(1, 4), mask(1, 7), mask(8, 8)
+    parts, by_distance, pixels, signed, plain, offset = split(source, edited, *places)
     keep = 144 - 9 - 9  # the two true places grown by 1 px
     assert parts["drawn"].item() == pytest.approx(0.3 / keep)
     assert parts["others"].item() == pytest.approx(0.6 / keep)
@@ -37,6 +36,12 @@ def test_split_by_hand():
     assert by_distance[0, :-1].sum().item() == 0
     assert pixels.sum().item() == plain.item() == keep - 9 - 1  # minus drawn's 3x3, other
     assert signed.item() == pytest.approx(0.9)
+    assert offset.item() == pytest.approx(0.9)  # one shade, the same in every channel
+    # the corner +0.3 in red and -0.3 in green: no signed change, an offset of 0.2 in sum
+    edited[:, :, 11, 0] = torch.tensor([0.3, -0.3, 0.0])
+    *_, signed, _, offset = split(source, edited, *places)
+    assert signed.item() == pytest.approx(0.0, abs=1e-7)
+    assert offset.item() == pytest.approx(0.2)
 
 
 def test_parts_add_up_to_eval_edits_background_l1(capsys):
