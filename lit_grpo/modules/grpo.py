@@ -136,9 +136,10 @@ class GRPOModule(PolicyStage):
             strategy.check_schedule(sample_steps)
         check_chunking(score_chunk, overlap_scoring)
         objective = objective or FlowGRPO()
-        if lora is None and objective.kl_beta > 0:
+        if lora is None and objective.uses_reference:
             raise ValueError(
-                "kl_beta > 0 needs a LoRA adapter: the reference is the adapter-off view"
+                "kl_beta or hold_beta > 0 needs a LoRA adapter: the reference is the "
+                "adapter-off view"
             )
         objective.check_rewards(rewards)
         segmenter = segmenter or ColourSegmenter()

@@ -132,10 +132,17 @@ class LossStats:
 
 class Objective:
     """The base every objective extends (see module docstring). Subclasses set `normalise`
-    (their advantages) and `loss`; `kl_beta` > 0 means `loss` forwards the reference (the
-    module then needs a LoRA adapter)."""
+    (their advantages) and `loss`; `kl_beta` or `hold_beta` > 0 means `loss` forwards the
+    reference (the module then needs a LoRA adapter)."""
 
     kl_beta: float = 0.0
+    hold_beta: float = 0.0
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether `loss` forwards the reference, the adapter-off view (the KL or the scene
+        hold): the module then needs a LoRA adapter."""
+        return self.kl_beta > 0 or self.hold_beta > 0
 
     def check_rewards(self, rewards: list) -> None:
         """Refuse, at construction, rewards this objective cannot train on (none here)."""

@@ -55,11 +55,18 @@ def branch_loss(v: Tensor, target: Tensor, sigma: Tensor, adaptive: bool) -> Ten
     [n, ...], sigma [n]. adaptive: the x0-space error sigma (v - target) (= x0_hat - x0 up
     to its sign), squared and divided by its detached mean absolute value (at least 1e-5);
     otherwise the mean squared velocity error."""
+    return branch_elements(v, target, sigma, adaptive).flatten(1).mean(1)
+
+
+def branch_elements(v: Tensor, target: Tensor, sigma: Tensor, adaptive: bool) -> Tensor:
+    """`branch_loss` before its mean over each image's elements [n, ...] (the scale of the
+    adaptive weighting is still the whole image's), for objectives that pool it by region."""
     if not adaptive:
-        return ((v - target) ** 2).flatten(1).mean(1)
-    err = sigma.view(-1, *([1] * (v.ndim - 1))) * (v - target)
+        return (v - target) ** 2
+    shape = (-1, *([1] * (v.ndim - 1)))
+    err = sigma.view(shape) * (v - target)
     scale = err.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
-    return (err**2).flatten(1).mean(1) / scale
+    return err**2 / scale.view(shape)
 
 
 def nft_loss(

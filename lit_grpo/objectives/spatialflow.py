@@ -145,13 +145,21 @@ def token_credit(region_adv: Tensor, cover: Tensor, region_weights: Tensor) -> T
 
 def region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
     """Per row [N]: the `region_weights`-weighted mean, over the regions present in the row,
-    of each region's cover-weighted mean over its tokens (per_token [N, T], cover [N, R, T],
-    region_weights [R]). The aggregation of the region KL (a term the same in every region)."""
-    if cover.shape[0] != per_token.shape[0] or cover.shape[2] != per_token.shape[1]:
+    of each region's cover-weighted mean over its tokens (cover [N, R, T], region_weights
+    [R]). per_token: [N, T], a term the same in every region (the region KL, the scene hold),
+    or [N, R, T], each region's own term on each token (`region_nft.py`)."""
+    terms = per_token[:, None] if per_token.ndim == 2 else per_token
+    n, r, t = cover.shape
+    if (
+        terms.ndim != 3
+        or terms.shape[0] != n
+        or terms.shape[2] != t
+        or terms.shape[1] not in (1, r)
+    ):
         raise ValueError(
             f"cover {tuple(cover.shape)} does not match tokens {tuple(per_token.shape)}"
         )
-    return _region_mean(per_token[:, None], cover, region_weights)
+    return _region_mean(terms, cover, region_weights)
 
 
 def _region_mean(per_token: Tensor, cover: Tensor, region_weights: Tensor) -> Tensor:
@@ -239,11 +247,11 @@ class SpatialFlowGRPO(FlowGRPO):
         """(the loss's weights, the KL's weights or None) in the order of `names` (the
         hold's names are checked too)."""
         if self.hold_region_weights is not None:
-            _by_name(self.hold_region_weights, names, "hold_region_weights")
-        return _by_name(self.region_weights, names, "region_weights"), (
+            weights_by_name(self.hold_region_weights, names, "hold_region_weights")
+        return weights_by_name(self.region_weights, names, "region_weights"), (
             None
             if self.kl_region_weights is None
-            else _by_name(self.kl_region_weights, names, "kl_region_weights")
+            else weights_by_name(self.kl_region_weights, names, "kl_region_weights")
         )
 
     def advantages(
@@ -288,6 +296,11 @@ class SpatialFlowGRPO(FlowGRPO):
         self._names = tuple(scores.regions[name].region_names)
         return scores.regions[name]
 
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """The region reward's region names, in its order (known once `advantages` ran)."""
+        return self._names
+
     def _region_weights(self, kl: bool, device) -> Tensor:
         loss, kl_weights = self.weights(self._names)
         w = kl_weights if kl else loss
@@ -328,7 +341,7 @@ class SpatialFlowGRPO(FlowGRPO):
             v, v_ref, lambda e: policy.latent_to_tokens(e, tuple(record.images.shape[-2:]))
         )
         names = self._names
-        weights = _by_name(self.hold_region_weights, names, "hold_region_weights")
+        weights = weights_by_name(self.hold_region_weights, names, "hold_region_weights")
         weights = host_to_device(torch.tensor(weights, dtype=torch.float32), per_token.device)
         return region_mean(per_token, inputs.targets.cover[rows], weights)
 
@@ -362,7 +375,9 @@ class SpatialFlowGRPO(FlowGRPO):
         return region_mean(per_token, inputs.targets.cover[inputs.rows], weights)
 
 
-def _by_name(weights: dict[str, float] | None, names: tuple[str, ...], what: str) -> list[float]:
+def weights_by_name(
+    weights: dict[str, float] | None, names: tuple[str, ...], what: str
+) -> list[float]:
     """`weights` by region name -> a list in the order of `names` (a region left out gets 0;
     None: 1 everywhere). An unknown name is a user error."""
     if weights is None:
