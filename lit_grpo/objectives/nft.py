@@ -37,6 +37,7 @@ update moved from the sampling policy), `clip_fraction` 0 and `ratio` 1.
 """
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -168,30 +169,55 @@ class DiffusionNFT(Objective):
         """x_sigma = (1 - sigma) x0 + sigma noise, in the policy's convention."""
         return (1 - sigma) * x0 + sigma * noise
 
-    def loss(self, inputs: LossInputs) -> tuple[Tensor, LossStats]:
-        """NFT's loss at noise level k on the rows (+ kl_beta x the reference penalty)."""
+    def forward(self, inputs: LossInputs) -> "NoisedTerm":
+        """Term k's noised state of the rows' clean edits and the policy's velocity there
+        (with grad), with the draws it was made from."""
         record, rows, k, policy = inputs.record, inputs.rows, inputs.k, inputs.policy
         noise, v_old = self.draws(inputs)
         x0, eps, old = record.latents[rows].float(), noise[rows, k], v_old[rows, k]
         sigma = record.sigmas[k]
         x_s = self.noised(x0, eps, sigma).to(policy.latent_dtype)
-        cond = record.condition[rows]
-        v = policy.velocity(x_s, sigma.expand(x0.shape[0]), cond).float()  # with grad
-        r = optimality(inputs.targets.advantages[rows].float(), self.adv_clip)
-        per_row = nft_loss(
-            v, old, eps - x0, sigma.expand(x0.shape[0]), r, self.beta, self.adaptive_weighting
-        )
+        sigma, cond = sigma.expand(x0.shape[0]), record.condition[rows]
+        v = policy.velocity(x_s, sigma, cond).float()  # with grad
+        return NoisedTerm(x0, eps, old, sigma, x_s, cond, v)
+
+    def loss(self, inputs: LossInputs) -> tuple[Tensor, LossStats]:
+        """NFT's loss at noise level k on the rows (+ kl_beta x the reference penalty)."""
+        t = self.forward(inputs)
+        r = optimality(inputs.targets.advantages[inputs.rows].float(), self.adv_clip)
+        per_row = nft_loss(t.v, t.old, t.eps - t.x0, t.sigma, r, self.beta, self.adaptive_weighting)
         loss = inputs.per_row_sum(per_row)
-        w = inputs.weights
-        with torch.no_grad():
-            moved = ((v - old) ** 2).flatten(1).mean(1)
-            moved = (moved * w).sum() / w.sum().clamp_min(1)
-        one = torch.ones((), device=loss.device)
-        stats = LossStats(loss.detach(), moved, torch.zeros_like(one), one)
+        stats = t.stats(loss, inputs.weights)
         if self.kl_beta > 0:
-            with torch.no_grad(), policy.reference():
-                v_ref = policy.velocity(x_s, sigma.expand(x0.shape[0]), cond).float()
-            kl = inputs.per_row_sum(((v - v_ref) ** 2).flatten(1).mean(1))
+            v_ref = t.reference_velocity(inputs.policy)
+            kl = inputs.per_row_sum(((t.v - v_ref) ** 2).flatten(1).mean(1))
             loss = loss + self.kl_beta * kl
             stats.loss, stats.kl = loss.detach(), kl.detach()
         return loss, stats
+
+
+@dataclass
+class NoisedTerm:
+    """One loss term of the rows: clean edits x0, noise eps, the sampling policy's velocity
+    `old`, the level sigma [n], the noised state x_s, the conditions, the velocity v."""
+
+    x0: Tensor
+    eps: Tensor
+    old: Tensor
+    sigma: Tensor
+    x_s: Tensor
+    cond: Tensor
+    v: Tensor
+
+    def reference_velocity(self, policy) -> Tensor:
+        """The reference's (adapter-off) velocity at x_s, no grad."""
+        with torch.no_grad(), policy.reference():
+            return policy.velocity(self.x_s, self.sigma, self.cond).float()
+
+    def stats(self, loss: Tensor, weights: Tensor) -> LossStats:
+        """NFT's `LossStats`: approx_kl = the valid rows' mean (v - v_old)^2, no clipping."""
+        with torch.no_grad():
+            moved = ((self.v - self.old) ** 2).flatten(1).mean(1)
+            moved = (moved * weights).sum() / weights.sum().clamp_min(1)
+        one = torch.ones((), device=loss.device)
+        return LossStats(loss.detach(), moved, torch.zeros_like(one), one)

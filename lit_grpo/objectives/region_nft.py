@@ -127,28 +127,16 @@ class RegionNFT(DiffusionNFT):
 
     def loss(self, inputs: LossInputs) -> tuple[Tensor, LossStats]:
         """The region NFT loss at noise level k on the rows (+ hold_beta x the hold)."""
-        record, rows, k, policy, targets = (
-            inputs.record,
-            inputs.rows,
-            inputs.k,
-            inputs.policy,
-            inputs.targets,
-        )
-        noise, v_old = self.draws(inputs)
-        x0, eps, old = record.latents[rows].float(), noise[rows, k], v_old[rows, k]
-        sigma = record.sigmas[k].expand(x0.shape[0])
-        x_s = self.noised(x0, eps, record.sigmas[k]).to(policy.latent_dtype)
-        cond = record.condition[rows]
-        v = policy.velocity(x_s, sigma, cond).float()  # with grad
-        size = tuple(record.images.shape[-2:])
-        to_tokens = lambda e: policy.latent_to_tokens(e, size)  # noqa: E731
-        weights, hold_weights = self._weights(self.credit.region_names, v.device)
+        t, targets, rows = self.forward(inputs), inputs.targets, inputs.rows
+        size = tuple(inputs.record.images.shape[-2:])
+        to_tokens = lambda e: inputs.policy.latent_to_tokens(e, size)  # noqa: E731
+        weights, hold_weights = self._weights(self.credit.region_names, t.v.device)
         cover = targets.cover[rows]
         per_row = region_nft_loss(
-            v,
-            old,
-            eps - x0,
-            sigma,
+            t.v,
+            t.old,
+            t.eps - t.x0,
+            t.sigma,
             targets.regions[rows],
             cover,
             weights,
@@ -158,17 +146,11 @@ class RegionNFT(DiffusionNFT):
             to_tokens,
         )
         loss = inputs.per_row_sum(per_row)
-        w = inputs.weights
-        with torch.no_grad():
-            moved = ((v - old) ** 2).flatten(1).mean(1)
-            moved = (moved * w).sum() / w.sum().clamp_min(1)
-        one = torch.ones((), device=loss.device)
-        stats = LossStats(loss.detach(), moved, torch.zeros_like(one), one)
+        stats = t.stats(loss, inputs.weights)
         if hold_weights is not None:
-            with torch.no_grad(), policy.reference():
-                v_ref = policy.velocity(x_s, sigma, cond).float()
+            v_ref = t.reference_velocity(inputs.policy)
             hold = inputs.per_row_sum(
-                region_mean(velocity_hold(v, v_ref, to_tokens), cover, hold_weights)
+                region_mean(velocity_hold(t.v, v_ref, to_tokens), cover, hold_weights)
             )
             loss = loss + self.hold_beta * hold
             stats.loss, stats.hold = loss.detach(), hold.detach()
