@@ -19,12 +19,11 @@ the steps and the edits:
 - "bg L1" and "others L1": `eval_edits.py`'s, on the same edits.
 A background that is a colour gradient (ShapeWorld's are) changes colour where it is copied
 from a shifted place, by the shift times the gradient: a per-edit colour offset whose sign
-depends on the gradient and the move. The attention is recomputed from the layer's own
-projections (a forward hook; `TinyEditPolicy` only).
+depends on the gradient and the move. The attention is read by a
+forward hook through the layer's own `Attention.probabilities` (`TinyEditPolicy` only).
 """
 
 import argparse
-import math
 import sys
 
 import torch
@@ -58,24 +57,17 @@ def token_regions(before, after, others, patch: int):
 
 class SourceAttention:
     """A forward hook on one `tiny.Attention`: keeps the target tokens' attention over the
-    source tokens of each call ([N, T, T], averaged over heads), recomputed from the
-    layer's own projections (its LoRA included)."""
+    source tokens of each call ([N, T, T], averaged over heads), from the layer's own
+    `probabilities` (its LoRA included)."""
 
     def __init__(self, tokens: int):
         self.tokens, self.maps = tokens, []
 
     def __call__(self, module, args, output):
-        from lit_grpo.policies.tiny import apply_rope
-
         x, rope, key_mask = args[:3]
-        n, t, w = x.shape
-        split = lambda y: y.view(n, t, module.heads, w // module.heads).transpose(1, 2)  # noqa: E731
-        q = apply_rope(module.norm_q(split(module.to_q(x))), *rope)[:, :, -self.tokens :]
-        k = apply_rope(module.norm_k(split(module.to_k(x))), *rope)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        probs = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
-        source = slice(t - 2 * self.tokens, t - self.tokens)  # [text | source | target]
-        self.maps.append(probs[..., source].mean(1))
+        t = x.shape[1]  # [text | source | target]
+        probs = module.probabilities(x, rope, key_mask, slice(t - self.tokens, None))
+        self.maps.append(probs[..., t - 2 * self.tokens : t - self.tokens].mean(1))
 
 
 def main(argv=None) -> int:
@@ -116,9 +108,8 @@ def main(argv=None) -> int:
             src = batch["source"]
             hook.maps.clear()
             edited = policy.edit(src, batch["instruction"], args.steps, generator=gen)
-            others = segmenter.objects(src) & geo.outside_mask(
-                [batch["mask_before"], batch["mask_after"]], 1
-            )
+            keep = ~geo.outside_mask([batch["mask_before"], batch["mask_after"]], 1)
+            others = segmenter.objects(src) & ~keep  # eval_edits.py's "others"
             bg, oth = token_regions(batch["mask_before"], batch["mask_after"], others, patch)
             for attention in hook.maps:  # one per ODE step
                 shift = copy_offset(attention, *grid, batch["direction"])
@@ -126,12 +117,10 @@ def main(argv=None) -> int:
                 for i, (value, mask) in enumerate(((shift, bg), (shift, oth), (same, bg))):
                     sums[i] += value[mask].sum()
                     counts[i] += mask.sum()
-            keep = ~geo.outside_mask([batch["mask_before"], batch["mask_after"]], 1)
-            on_others = segmenter.objects(src) & ~keep
-            has_others = on_others.flatten(1).any(1)
+            has_others = others.flatten(1).any(1)
             sums[3] += geo.background_l1(src, edited, ~keep).sum()
             counts[3] += len(src)
-            sums[4] += geo.background_l1(src, edited, on_others)[has_others].sum()
+            sums[4] += geo.background_l1(src, edited, others)[has_others].sum()
             counts[4] += has_others.sum()
         handle.remove()
         rows.append((weights, *(sums / counts.clamp_min(1)).tolist()))

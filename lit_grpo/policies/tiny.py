@@ -57,22 +57,40 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(width // heads)
         self.norm_k = nn.RMSNorm(width // heads)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor, capture=None
-    ) -> Tensor:
+    def queries_keys_values(self, x: Tensor, rope: tuple[Tensor, Tensor]):
+        """q, k, v [N, heads, T, head_dim]: q and k normed and rotated."""
         n, t, w = x.shape
         split = lambda y: y.view(n, t, self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
         q = apply_rope(self.norm_q(split(self.to_q(x))), *rope)
         k = apply_rope(self.norm_k(split(self.to_k(x))), *rope)
-        v = split(self.to_v(x))
-        mask = key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return q, k, split(self.to_v(x))
+
+    def probabilities(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor, queries: slice
+    ) -> Tensor:
+        """[N, heads, Q, T]: the attention of the `queries` tokens over every token, as
+        `forward` applies it (for reading where tokens look, e.g. `benchmarks/copy_shift.py`)."""
+        q, k, _ = self.queries_keys_values(x, rope)
+        return attention_probabilities(q[:, :, queries], k, key_mask)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor, capture=None
+    ) -> Tensor:
+        n, t, w = x.shape
+        q, k, v = self.queries_keys_values(x, rope)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
         if capture is not None:  # (list, text tokens L, target tokens T): text -> target map
             maps, n_text, n_target = capture
-            logits = q[:, :, :n_text] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-            probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)[..., -n_target:]
+            probs = attention_probabilities(q[:, :, :n_text], k, key_mask)[..., -n_target:]
             maps.append(probs.mean(1))  # [N, L, T], averaged over heads
         return self.to_out(out.transpose(1, 2).reshape(n, t, w))
+
+
+def attention_probabilities(q: Tensor, k: Tensor, key_mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) [N, heads, Q, T] over the keys that `key_mask` [N, T] keeps:
+    what scaled_dot_product_attention weighs the values by."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
 
 
 class Block(nn.Module):
