@@ -38,12 +38,13 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(
     policy, dataset, batch_size: int, steps: int, seed: int, segmenter, progress,
-    blend_margin: int | None = None,
+    blend_margin: int | None = None, device: str = "cpu",
 ):  # fmt: skip
     """`EditMetrics.compute()` ({task: {metric: value}}) and each task's per-edit spatial
     rewards (the GRPO stage's own: each scores its task's rows, 0 elsewhere). With
     `blend_margin`, the source is kept outside the true edit regions grown by that many
-    pixels (`EditPolicy.edit`'s `editable`)."""
+    pixels (`EditPolicy.edit`'s `editable`). The policy samples on `device` (its noise drawn
+    on the CPU, so every device draws the same noise); the edits are scored on the CPU."""
     from lit_grpo.metrics import EditMetrics
     from lit_grpo.perception import geometry as geo
     from lit_grpo.rewards import RotationReward, ScaleReward, Scorer, TranslationReward
@@ -63,7 +64,11 @@ def evaluate(
         src = batch["source"]
         regions = [batch["mask_before"], batch["mask_after"]]
         editable = None if blend_margin is None else ~geo.outside_mask(regions, blend_margin)
-        edited = policy.edit(src, batch["instruction"], steps, generator=gen, editable=editable)
+        if editable is not None:
+            editable = editable.to(device)
+        edited = policy.edit(
+            src.to(device), batch["instruction"], steps, generator=gen, editable=editable
+        ).cpu()
         inputs = scorer.observe(edited, batch)  # segmented once for metrics and rewards
         metrics.update(src, edited, batch, inputs.before, inputs.after)
         reward = scorer.judge(inputs).total
@@ -134,6 +139,9 @@ def main(argv=None) -> int:
         help="keep the source outside the true edit regions grown by PX pixels at every "
         "sampling step (an inference option; default: no blending)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device", default="cpu", help="where the policies sample (cpu, cuda); scored on the CPU"
+    )
     args = parser.parse_args(argv)
     if args.blend_margin is not None and args.blend_margin < 0:
         parser.error(f"--blend-margin must be >= 0 pixels, got {args.blend_margin}")
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
             policy = TinyEditPolicy(**arch)
         else:
             policy = load_policy(weights)
-        policy.eval()
+        policy.eval().to(args.device)
         start = time.perf_counter()
         desc = weights[-40:]
         results, rewards, l1 = evaluate(
@@ -171,6 +179,7 @@ def main(argv=None) -> int:
             segmenter,
             partial(tqdm, desc=desc, file=sys.stderr, leave=False),
             args.blend_margin,
+            args.device,
         )
         secs = time.perf_counter() - start
         for task in args.tasks:

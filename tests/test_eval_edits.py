@@ -42,3 +42,15 @@ def test_the_table_says_it_blends_and_a_negative_margin_is_refused(capsys):
     with pytest.raises(SystemExit):
         main([*args, "--blend-margin", "-1"])
     assert "--blend-margin must be >= 0" in capsys.readouterr().err
+
+
+def test_naming_the_sampling_device_keeps_the_table(capsys):
+    """--device moves the policy and its inputs, and the edits back to be scored on the CPU;
+    the noise is drawn on the CPU, so the table is the same on every device."""
+    args = ["--weights", "shapeworld-sft", "--n", "4", "--tasks", "translate", "--steps", "2"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--device", "cpu", "--blend-margin", "1"]) == 0
+    blended = capsys.readouterr().out
+    assert main([*args, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == plain and blended != plain
