@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_device_rotation_script_trains_exports_and_evaluates_on_cpu(tmp_path):
     """SMOKE=1: a few steps of two of its editors, their float16 weights, the eval table.
     About 2 minutes on 2 cores."""
-    from lit_grpo.policies.weights import load_policy
+    from lit_grpo.policies.weights import load_policy, read_policy_file
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "OUT": str(tmp_path)}
     env |= {"SMOKE": "1", "ACCELERATOR": "cpu", "WORKERS": "0", "NAMES": "base fine"}
@@ -29,7 +29,8 @@ def test_device_rotation_script_trains_exports_and_evaluates_on_cpu(tmp_path):
         rows = [line.split() for line in table.splitlines() if f"{name}.safetensors" in line]
         assert [row[1] for row in rows] == ["translate", "rotate", "scale"]
         assert (tmp_path / f"fit-{name}.log").is_file()
-        assert list((tmp_path / name).rglob("metrics.csv"))  # the CSV logger's
+        assert list((tmp_path / name).rglob("hparams.yaml"))  # the CSV logger's folder
     assert not (tmp_path / "wide.safetensors").exists()  # not in NAMES
-    fine = load_policy(str(tmp_path / "fine.safetensors"))
-    assert fine.patch_size == 2 and fine.width == 160
+    _, arch, _ = read_policy_file(str(tmp_path / "fine.safetensors"))
+    assert (arch["patch_size"], arch["width"], arch["depth"]) == (2, 160, 6)
+    load_policy(str(tmp_path / "fine.safetensors"))  # float16 on disk, loads as the editor
