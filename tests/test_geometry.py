@@ -95,6 +95,69 @@ def test_translation_reward_penalises_the_true_sideways_drift():
     torch.testing.assert_close(out.extras["translation_success"], torch.tensor([1.0, 1.0]))
 
 
+def ramp(a: float, b: float, shift=(0.0, 0.0), n: int = 1):
+    """[n, 3, H, W] images 0.2 + a x + b y, moved by `shift` (dx, dy) px (a linear ramp)."""
+    y, x = torch.meshgrid(
+        torch.arange(SIZE[0]).float(), torch.arange(SIZE[1]).float(), indexing="ij"
+    )
+    image = 0.2 + a * (x - shift[0]) + b * (y - shift[1])
+    return image.expand(n, 3, *SIZE).clone()
+
+
+def test_scene_shift_reads_a_moved_ramp_exactly():
+    keep = torch.ones(3, *SIZE, dtype=torch.bool)
+    source = ramp(0.001, 0.002, n=3)
+    # moved 2 px right, read along +x; 2 px right, read along -x; 2.5 px along (0.6, 0.8)
+    edited = torch.cat([ramp(0.001, 0.002, (2, 0)), ramp(0.001, 0.002, (2, 0)),
+                        ramp(0.001, 0.002, (1.5, 2.0))])  # fmt: skip
+    direction = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.6, 0.8]])
+    # along +x: edited - source = -0.002, the gradient 0.001 a px: s = 0.002 / 0.001 = 2;
+    # along (0.6, 0.8): the change -0.0015 - 0.004 = -0.0055, the gradient 0.0006 + 0.0016
+    shift = geo.scene_shift(source, edited, keep, direction)
+    torch.testing.assert_close(shift, torch.tensor([2.0, -2.0, 2.5]))
+
+
+def test_scene_shift_reads_only_the_kept_pixels_and_needs_texture():
+    source = ramp(0.001, 0.0, n=3)
+    edited = ramp(0.001, 0.0, (4, 0), n=3)
+    edited[0, :, :, 50:] = source[0, :, :, 50:]  # the right half unmoved
+    keep = torch.ones(3, *SIZE, dtype=torch.bool)
+    keep[0, :, 50:] = False  # read the left half only
+    flat = torch.full((1, 3, *SIZE), 0.5)
+    direction = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    shift = geo.scene_shift(
+        torch.cat([source[:2], flat]), torch.cat([edited[:2], flat + 0.1]), keep, direction
+    )
+    torch.testing.assert_close(shift[0], torch.tensor(4.0))
+    # a ramp along x has nothing to read along y; a flat image nothing at all
+    assert shift[1].isnan() and shift[2].isnan()
+
+
+def test_translation_reward_takes_the_scene_shift_off():
+    before = detections([[10, 10, 20, 20]] * 3)
+    after = moved(before.box.tolist(), [(20, 0)] * 3)  # 0.2 of the side: 0.8 of the move
+    spec = EditSpec(
+        task=["translate"] * 3,
+        object=["red square"] * 3,
+        direction=torch.tensor([[1.0, 0.0]] * 3),
+        angle=torch.zeros(3),
+        factor=torch.ones(3),
+    )
+    source = ramp(0.001, 0.0, n=3)
+    # the scene kept, moved 2 px with the object, moved 2 px against it
+    edited = torch.cat([ramp(0.001, 0.0), ramp(0.001, 0.0, (2, 0)), ramp(0.001, 0.0, (-2, 0))])
+    inputs = RewardInputs(edited, source, ["move it"] * 3, spec, before, after)
+    plain = TranslationReward(move_fraction=0.25)(inputs)
+    assert "scene_shift" not in plain.extras
+    torch.testing.assert_close(plain.scores, torch.full((3,), 0.8))
+    out = TranslationReward(move_fraction=0.25, scene_penalty=10.0)(inputs)
+    # 2 px = 0.02 of the side = 0.08 of the move, 10 x 0.08 taken off either way
+    torch.testing.assert_close(out.extras["scene_shift"], torch.tensor([0.0, 0.08, -0.08]))
+    torch.testing.assert_close(out.scores, torch.tensor([0.8, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="scene_penalty"):
+        TranslationReward(scene_penalty=-1.0)
+
+
 def test_a_missed_object_is_nan():
     before = detections([[10, 10, 20, 20]] * 2)
     after = detections([[30, 10, 40, 20]] * 2, found=[True, False])

@@ -169,6 +169,20 @@ def test_region_reward_on_exact_edits_partitions_and_scores_regions():
     assert torch.allclose(hurt[:, 2], background, atol=1e-3)
 
 
+def test_region_reward_passes_its_edit_rewards_sub_scores_on():
+    batch = scenes()
+    reward = RegionReward([TranslationReward(scene_penalty=1.0)])
+    out = Scorer([reward], ColourSegmenter())(batch["target"], batch).regions["regions"]
+    translate = torch.tensor([t == "translate" for t in batch["task"]])
+    assert translate.any()
+    # the true targets move the object and nothing else: found and moved, the scene still
+    assert torch.equal(
+        out.extras["translation_success"][translate], torch.ones(int(translate.sum()))
+    )
+    assert out.extras["scene_shift"].abs().max() < 1e-3
+    assert {"region_edit", "others_l1", "background_l1"} <= set(out.extras)
+
+
 def test_spatialflow_targets_are_each_regions_group_advantages_and_cover():
     module, batch = tiny_spatialflow(), two_scenes()
     record = module.sample(batch, torch.Generator().manual_seed(0))

@@ -204,6 +204,37 @@ def background_l1(source: Tensor, edited: Tensor, keep: Tensor) -> Tensor:
     return (diff * keep).sum((1, 2)) / keep.sum((1, 2)).clamp_min(1.0)
 
 
+def scene_shift(source: Tensor, edited: Tensor, keep: Tensor, direction: Tensor) -> Tensor:
+    """How far the scene moved along `direction` [N, 2] between `source` and `edited`
+    ([N, C, H, W]), read on the `keep` pixels [N, H, W]: signed pixels [N], NaN where the
+    kept source has no texture along the direction to read a shift from.
+
+    One Lucas-Kanade step along one axis (ours; a least-squares fit, not a paper's): with
+    g = the source's central-difference gradient along the unit direction, a scene moved by
+    s reads edited(x) = source(x - s u) ~ source(x) - s g(x), so
+    s = -sum((edited - source) g) / sum(g^2) over the kept pixels and channels (the image's
+    outer pixels, which have no central difference, left out). Exact for a linear ramp; a
+    first-order reading otherwise, good for shifts small beside the texture's scale (the
+    trained editors' scenes move by 0.1-0.3 px, docs/benchmarks.md). On a linear ramp a
+    colour offset and a shift are the same change, and this reads both as a shift.
+    """
+    src, out = source.float(), edited.float()
+    gx = torch.zeros_like(src)
+    gy = torch.zeros_like(src)
+    gx[..., :, 1:-1] = (src[..., :, 2:] - src[..., :, :-2]) / 2
+    gy[..., 1:-1, :] = (src[..., 2:, :] - src[..., :-2, :]) / 2
+    u = direction.float().to(src.device)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    g = gx * u[:, 0, None, None, None] + gy * u[:, 1, None, None, None]  # [N, C, H, W]
+    inner = torch.zeros_like(keep, dtype=torch.bool)
+    inner[:, 1:-1, 1:-1] = True
+    w = (keep.bool() & inner).float()[:, None]  # [N, 1, H, W]
+    num = ((out - src) * g * w).sum((1, 2, 3))
+    den = (g * g * w).sum((1, 2, 3))
+    textured = den > 1e-8
+    return torch.where(textured, -num / den.clamp_min(1e-8), torch.full_like(num, float("nan")))
+
+
 def edit_region(
     before: Detections,
     task: Sequence[str],

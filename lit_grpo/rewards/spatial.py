@@ -17,19 +17,39 @@ class TranslationReward(Reward):
     clipped to [-1, 1], minus `across_penalty` x the sideways drift (same units, clipped to
     [0, 1]). Range [-1 - across_penalty, 1]; a missing object scores the minimum.
 
+    `scene_penalty` (ours) pays the object's move only apart from the scene's: it takes
+    `scene_penalty` x the magnitude of the scene's own shift along the instructed direction
+    (`geometry.scene_shift`, read outside the object's old and new places, each grown by
+    `dilate` px; in the same units) off the score. At 1, a rollout that moves the whole image
+    with the object by the instructed distance scores 0, as one that moves nothing does; the
+    magnitude, so that moving the scene the other way earns nothing either. Where the scene
+    has no texture to read a shift from, nothing is taken off. The range is then
+    [-1 - across_penalty - scene_penalty x (shift / move), 1].
+
     Args:
         move_fraction: the instructed distance as a fraction of the image side (ShapeWorld's).
         across_penalty: weight of the perpendicular drift.
+        scene_penalty: weight of the scene's shift along the move (0: not read).
+        dilate: pixels by which the object's masks grow before the scene is read.
     """
 
     name = "translation"
 
     def __init__(
-        self, weight: float = 1.0, move_fraction: float = 0.25, across_penalty: float = 0.5
+        self,
+        weight: float = 1.0,
+        move_fraction: float = 0.25,
+        across_penalty: float = 0.5,
+        scene_penalty: float = 0.0,
+        dilate: int = 1,
     ):
         super().__init__(weight)
+        if scene_penalty < 0:
+            raise ValueError(f"scene_penalty must be >= 0, got {scene_penalty}")
         self.move_fraction = move_fraction
         self.across_penalty = across_penalty
+        self.scene_penalty = scene_penalty
+        self.dilate = dilate
 
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         d = geo.displacement(inputs.before, inputs.after, inputs.image_size)  # [N, 2]
@@ -37,14 +57,30 @@ class TranslationReward(Reward):
         along, across = geo.along_across(d, direction)
         along, across = along / self.move_fraction, across / self.move_fraction
         score = along.clamp(-1, 1) - self.across_penalty * across.clamp(0, 1)
+        extras = {}
+        if self.scene_penalty > 0:
+            shift = torch.nan_to_num(self.scene_shift(inputs), nan=0.0) / self.move_fraction
+            score = score - self.scene_penalty * shift.abs()
+            extras["scene_shift"] = shift  # in units of the instructed move
         lowest = -1.0 - self.across_penalty
         score = torch.nan_to_num(score, nan=lowest)  # not found in the edit: lowest reward
         success = geo.translation_success(inputs.before, inputs.after, direction, inputs.image_size)
         mine = inputs.task_is("translate")
-        return RewardOutput(
-            torch.where(mine, score, torch.zeros_like(score)),
-            {"translation_success": torch.nan_to_num(success, nan=0.0)},
-        )
+        extras["translation_success"] = torch.nan_to_num(success, nan=0.0)
+        return RewardOutput(torch.where(mine, score, torch.zeros_like(score)), extras)
+
+    def scene_shift(self, inputs: RewardInputs) -> Tensor:
+        """The scene's shift along the instructed direction [N], as a fraction of the image
+        side along it (NaN: no texture to read it from)."""
+        after = inputs.after.mask & inputs.after.found[:, None, None]
+        keep = geo.outside_mask([inputs.before.mask, after], self.dilate)
+        direction = inputs.spec.direction.float().to(inputs.images.device)
+        px = geo.scene_shift(inputs.source, inputs.images, keep, direction)  # [N] px
+        u = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        h, w = inputs.image_size
+        side = torch.tensor([w, h], dtype=torch.float32, device=u.device)
+        along, _ = geo.along_across(px[:, None] * u / side, u)
+        return along
 
 
 class RotationReward(Reward):
