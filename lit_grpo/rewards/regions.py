@@ -100,9 +100,7 @@ class RegionReward(Reward):
     def forward(self, inputs: RewardInputs) -> RewardOutput:
         masks = self.region_masks(inputs)
         # each edit reward checked as the Scorer checks it: a broken one is named
-        outs = [(r.weight, run_reward(r, inputs, within=self)) for r in self.edit]
-        edit = sum(weight * out.scores.float() for weight, out in outs)
-        inner = {k: v for _, out in outs for k, v in out.extras.items()}  # for the logs
+        edit = sum(r.weight * run_reward(r, inputs, within=self).scores.float() for r in self.edit)
         l1 = [geo.background_l1(inputs.source, inputs.images, masks[:, k] > 0) for k in (1, 2)]
         # a region with no pixels scores 0 (it then has no tokens either)
         present = masks.flatten(2).sum(-1) > 0  # [N, 3]
@@ -110,7 +108,7 @@ class RegionReward(Reward):
         scores = torch.where(present | torch.isnan(scores), scores, torch.zeros_like(scores))
         return RewardOutput(
             scores.sum(1),
-            {**inner, "region_edit": edit, "others_l1": l1[0], "background_l1": l1[1]},
+            {"region_edit": edit, "others_l1": l1[0], "background_l1": l1[1]},
             regions=scores,
             region_names=REGIONS,
             region_masks=masks,
