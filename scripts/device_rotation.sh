@@ -36,6 +36,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # the device machine: wheels besid
   export PYTHONPATH=/tmp/site:$PWD
 fi
 
+if [[ "$accelerator" == gpu ]] &&
+  ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "device_rotation.sh: no GPU that torch can use here;" \
+    "SMOKE=1 ACCELERATOR=cpu runs a few steps on the CPU to check this script" >&2
+  exit 2
+fi
+
 limits=(--trainer.max_time="00:00:$(printf %02d "$minutes"):00" "--trainer.max_steps=${STEPS:-20000}")
 n=512 device=cuda precision=bf16-mixed
 if [[ "${SMOKE:-0}" == 1 ]]; then
@@ -73,10 +80,10 @@ for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 
 weights=()
 for name in ${NAMES:-base wide fine}; do
-  ckpt=$(find "$out/$name" -name last.ckpt | head -1)
+  ckpt=$(find "$out/$name" -name last.ckpt 2> /dev/null | head -1 || true)
   if [[ -z "$ckpt" ]]; then
-    echo "$name: no last.ckpt; the end of its log:" >&2
-    tail -20 "$out/fit-$name.log" >&2
+    echo "$name: its run wrote no last.ckpt; the end of $out/fit-$name.log:" >&2
+    tail -5 "$out/fit-$name.log" >&2
     failed=1
     continue
   fi

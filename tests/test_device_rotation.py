@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +35,16 @@ def test_device_rotation_script_trains_exports_and_evaluates_on_cpu(tmp_path):
     _, arch, _ = read_policy_file(str(tmp_path / "fine.safetensors"))
     assert (arch["patch_size"], arch["width"], arch["depth"]) == (2, 160, 6)
     load_policy(str(tmp_path / "fine.safetensors"))  # float16 on disk, loads as the editor
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would train")
+def test_device_rotation_script_says_what_to_do_without_a_gpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/device_rotation.sh")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no GPU that torch can use here" in done.stderr
+    assert "SMOKE=1 ACCELERATOR=cpu" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing started
