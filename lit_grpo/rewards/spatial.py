@@ -24,7 +24,10 @@ class TranslationReward(Reward):
     with the object by the instructed distance scores 0, as one that moves nothing does; the
     magnitude, so that moving the scene the other way earns nothing either. Where the scene
     has no texture to read a shift from, nothing is taken off. The range is then
-    [-1 - across_penalty - scene_penalty x (shift / move), 1].
+    [-1 - across_penalty - scene_penalty x (shift / move), 1]. Measured on ShapeWorld
+    (docs/benchmarks.md, issue 23): on whole-image GRPO it trades the move for less scene
+    change; under region credit (the main job) it changes nothing, since only the edit
+    region's tokens carry the score it lowers.
 
     Args:
         move_fraction: the instructed distance as a fraction of the image side (ShapeWorld's).
